@@ -10,9 +10,12 @@ Callers never see a raw ``zmq.ZMQError`` or ``msgpack`` exception: they are tran
     │   ├── ReplayError                   sequence/time outside the replay window
     │   ├── VersionError                  unknown wire version
     │   └── OversizeError                 longer than the configured maximum
+    ├── PayloadTooLarge (ValueError)      we refuse to send something over a configured limit
     ├── TransferError                     a card transfer failed for good
-    │   └── DigestMismatch                reassembled payload does not hash to the announced digest
+    │   ├── DigestMismatch                reassembled payload does not hash to the announced digest
+    │   └── AlreadyDelivered              the card was already delivered once (remembered in the spool)
     ├── PeerGone                          the peer expired (no heartbeat) or refused us
+    ├── RemoteError                       the peer's request handler failed; ``str()`` is its message
     ├── RequestTimeout (TimeoutError)     no reply in time
     ├── ClosedError                       used after close() (you closed it)
     ├── TransportError                    the socket layer broke under us (translated zmq errors)
@@ -58,6 +61,11 @@ class OversizeError(FrameError):
     reason = "oversize"
 
 
+class PayloadTooLarge(BusError, ValueError):
+    """We refuse to send a payload over a configured limit (checked before sending, so the peer's
+    ``MAXMSGSIZE`` never disconnects us)."""
+
+
 class TransferError(BusError):
     """A transfer that cannot complete."""
 
@@ -66,8 +74,16 @@ class DigestMismatch(TransferError):
     """The reassembled payload does not match its announced digest."""
 
 
+class AlreadyDelivered(TransferError):
+    """This card id was already delivered to the application (exactly-once delivery)."""
+
+
 class PeerGone(BusError):
     """The peer stopped answering or refused us."""
+
+
+class RemoteError(BusError):
+    """The peer received the request but its handler failed or refused it."""
 
 
 class RequestTimeout(BusError, TimeoutError):

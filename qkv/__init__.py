@@ -1,0 +1,137 @@
+"""qkv: KV caches of Hugging Face causal LMs as compressed, self-contained CacheCards.
+
+Sender: ``encode_context(lm, context, Budget(...))`` prefills a context and writes a card. Receiver:
+``answer_from_card(lm, card_bytes, question)`` verifies the card against its own model and answers with only
+the question's tokens. Lower-level pieces (quantization plan, card codec, eviction, allocation, facts) are
+exported for benchmarks and tools. Imports torch and transformers; never zmq or asyncio.
+"""
+
+from ._allocate import Allocation, SensitivityProfile, allocate_bits, width_cost
+from ._budget import Budget
+from ._card import CardInfo, CardMeta, DecodedCard, EncodingPlan, decode_card, encode_card, read_card_info
+from ._errors import (
+    CalibrationError,
+    CardCompatError,
+    CardDigestError,
+    CardError,
+    CardFormatError,
+    ModelCorruptError,
+    ModelNotPulledError,
+    ModelStoreError,
+    QkvError,
+    StoreSpaceError,
+    UnknownModelError,
+)
+from ._evict import evict, orthogonal_backfill, select_tokens
+from ._facts import Fact, Facts, extract_facts
+from ._hf import (
+    Generation,
+    answer_logprobs,
+    build_cache,
+    fingerprint_of,
+    generate_from_snapshot,
+    generate_from_text,
+    prefill,
+    prefill_observed,
+)
+from ._importance import (
+    attention_mass_by_class,
+    class_bits_for_budget,
+    head_importance,
+    token_classes,
+    token_importance,
+)
+from ._kv import KVSnapshot, ModelFingerprint
+from ._layers import layer_scores, select_layers
+from ._modelstore import (
+    CATALOGUE,
+    DEFAULT_MODEL,
+    CatalogueEntry,
+    LoadedModel,
+    StoredModel,
+    list_models,
+    load_model,
+    models_dir,
+    pull_model,
+)
+from ._pipeline import (
+    CardAnswer,
+    EncodedContext,
+    Observation,
+    answer_from_card,
+    answer_from_text,
+    encode_context,
+    encode_observation,
+    needs_attention,
+    observe,
+)
+from ._prompt import PromptParts, PromptTemplate
+
+__all__ = [
+    "CATALOGUE",
+    "DEFAULT_MODEL",
+    "Allocation",
+    "Budget",
+    "CalibrationError",
+    "CardAnswer",
+    "CardCompatError",
+    "CardDigestError",
+    "CardError",
+    "CardFormatError",
+    "CardInfo",
+    "CardMeta",
+    "CatalogueEntry",
+    "DecodedCard",
+    "EncodedContext",
+    "EncodingPlan",
+    "Fact",
+    "Facts",
+    "Generation",
+    "KVSnapshot",
+    "LoadedModel",
+    "ModelCorruptError",
+    "ModelFingerprint",
+    "ModelNotPulledError",
+    "ModelStoreError",
+    "Observation",
+    "PromptParts",
+    "PromptTemplate",
+    "QkvError",
+    "SensitivityProfile",
+    "StoreSpaceError",
+    "StoredModel",
+    "UnknownModelError",
+    "allocate_bits",
+    "answer_from_card",
+    "answer_from_text",
+    "answer_logprobs",
+    "attention_mass_by_class",
+    "build_cache",
+    "class_bits_for_budget",
+    "decode_card",
+    "encode_card",
+    "encode_context",
+    "encode_observation",
+    "evict",
+    "extract_facts",
+    "fingerprint_of",
+    "generate_from_snapshot",
+    "generate_from_text",
+    "head_importance",
+    "layer_scores",
+    "list_models",
+    "load_model",
+    "models_dir",
+    "needs_attention",
+    "observe",
+    "orthogonal_backfill",
+    "prefill",
+    "prefill_observed",
+    "pull_model",
+    "read_card_info",
+    "select_layers",
+    "select_tokens",
+    "token_classes",
+    "token_importance",
+    "width_cost",
+]

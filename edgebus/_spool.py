@@ -1,0 +1,137 @@
+"""The receiver's spool directory: verified chunks and delivered card ids survive a process restart.
+
+Layout under ``spool_dir``::
+
+    delivered.log              one line per delivered card: "<card_id> <transfer digest hex>"
+    <card_id>-<d16>.part       chunk bytes at their offsets (sparse until complete); d16 = digest prefix
+    <card_id>-<d16>.log        36-byte records: chunk index (u32 big-endian) + the chunk's SHA-256
+
+A chunk is written to ``.part`` first and recorded in ``.log`` after; on reopening, every recorded chunk is
+hashed again from ``.part`` and kept only if it still matches, so a torn write costs a re-fetch, never a
+corrupt card. Files are not fsynced: the contract covers a killed process (the page cache survives), not
+a power cut. ``delivered.log`` is appended before the card is handed to the application, so a crash in
+between loses that delivery rather than repeating it (at most once across a crash, exactly once otherwise).
+
+Writes of different chunks may run concurrently in worker threads (each opens its own descriptors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from pathlib import Path
+
+from ._errors import StoreError
+from ._transfer import CardManifest
+
+_RECORD = struct.Struct(">I32s")
+assert _RECORD.size == 36
+
+
+class PartialCard:
+    """One card being received into the spool."""
+
+    def __init__(self, directory: Path, manifest: CardManifest) -> None:
+        stem = f"{manifest.card_id}-{manifest.digest.hex()[:16]}"
+        self.manifest = manifest
+        self.part_path = directory / f"{stem}.part"
+        self.log_path = directory / f"{stem}.log"
+
+    def load_verified(self) -> dict[int, bytes]:
+        """Chunks already spooled and still matching their recorded digest (blocking: run in a thread)."""
+        try:
+            raw = self.log_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        records: dict[int, bytes] = {}
+        for off in range(0, len(raw) - len(raw) % _RECORD.size, _RECORD.size):
+            index, digest = _RECORD.unpack_from(raw, off)
+            if index < self.manifest.n_chunks:
+                records[index] = digest
+        if not records:
+            return {}
+        good: dict[int, bytes] = {}
+        try:
+            fd = os.open(self.part_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return {}
+        try:
+            for index, digest in records.items():
+                length = self.manifest.chunk_len(index)
+                data = os.pread(fd, length, index * self.manifest.chunk_bytes)
+                if len(data) == length and hmac.compare_digest(hashlib.sha256(data).digest(), digest):
+                    good[index] = digest
+        finally:
+            os.close(fd)
+        return good
+
+    def write_verified(self, index: int, data: memoryview, digest: bytes) -> bool:
+        """Hash ``data``; if it matches ``digest`` spool it and record it. Blocking: run in a thread."""
+        if len(data) != self.manifest.chunk_len(index):
+            return False
+        if not hmac.compare_digest(hashlib.sha256(data).digest(), digest):
+            return False
+        fd = os.open(self.part_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, data, index * self.manifest.chunk_bytes)
+        finally:
+            os.close(fd)
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, _RECORD.pack(index, digest))
+        finally:
+            os.close(fd)
+        return True
+
+    def read_all(self) -> bytes:
+        """The complete card (blocking)."""
+        if self.manifest.size == 0:
+            return b""
+        with open(self.part_path, "rb") as f:
+            data = f.read(self.manifest.size + 1)
+        if len(data) != self.manifest.size:
+            raise StoreError(f"spooled card {self.manifest.card_id} has {len(data)} bytes")
+        return data
+
+    def remove(self) -> None:
+        for path in (self.part_path, self.log_path):
+            path.unlink(missing_ok=True)
+
+
+class Spool:
+    """Spool directory of one receiving node."""
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"spool {directory}: {exc}") from exc
+        self.directory = directory
+        self._delivered_path = directory / "delivered.log"
+        self._delivered: set[str] = set()
+        try:
+            text = self._delivered_path.read_text(encoding="ascii", errors="replace")
+        except FileNotFoundError:
+            text = ""
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                self._delivered.add(parts[0])
+
+    def is_delivered(self, card_id: str) -> bool:
+        return card_id in self._delivered
+
+    def mark_delivered(self, manifest: CardManifest) -> None:
+        """Append to ``delivered.log`` (small, unbuffered write: safe against a killed process)."""
+        line = f"{manifest.card_id} {manifest.digest.hex()}\n".encode("ascii")
+        fd = os.open(self._delivered_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        self._delivered.add(manifest.card_id)
+
+    def partial(self, manifest: CardManifest) -> PartialCard:
+        return PartialCard(self.directory, manifest)

@@ -1,0 +1,60 @@
+"""PNG plots for benchmark tables (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on edge boxes and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def rate_quality_plot(rows: Sequence[Mapping[str, Any]], *, title: str, out: Path) -> Path:
+    """x = card bytes / fp16 KV bytes (log), y = F1 relative to the text condition, a labelled point each."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in rows:
+        x, y = row.get("size_vs_fp16"), row.get("f1_vs_text")
+        if x is None or y is None or x <= 0:
+            continue
+        ax.scatter([x], [y], s=28)
+        ax.annotate(str(row["condition"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("card bytes / fp16 KV bytes (log)")
+    ax.set_ylabel("F1 relative to text")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def ttft_plot(
+    series: Mapping[str, Sequence[tuple[float, float]]], *, title: str, out: Path, xlabel: str = "context tokens"
+) -> Path:
+    """One line per series of (x, ttft seconds) points."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        pts = sorted(points)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,369 @@
+"""The ``edgebus`` command line.
+
+Heavy imports (torch, transformers, zmq) happen inside each subcommand so that ``edgebus --help`` and the
+runtime-only commands start fast. Every error a user can cause ends in one line on stderr and exit code 2;
+a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgebus import BusKeys
+    from nodes.roles_client import Target
+
+EXIT_USER_ERROR = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _models_pull(args: argparse.Namespace) -> int:
+    from qkv import pull_model
+
+    path = pull_model(args.name, home=args.home, progress=not args.quiet)
+    print(f"{args.name}: stored at {path}")
+    return 0
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from qkv import list_models
+
+    rows = list_models(home=args.home)
+    print(f"{'name':<28} {'pulled':<7} {'size':>10}  path")
+    for row in rows:
+        size = f"{row.size_bytes / 1e6:.1f} MB" if row.pulled else "-"
+        print(f"{row.name:<28} {'yes' if row.pulled else 'no':<7} {size:>10}  {row.path}")
+    return 0
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    from edgebus import new_keypair
+
+    public, secret = new_keypair(args.name, Path(args.dir))
+    print(f"public key: {public}\nsecret key: {secret}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from nodes.demo import run_demo
+
+    return run_demo(
+        model=args.model,
+        bits=args.bits,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        plot=args.plot,
+        processes=not args.in_process,
+    )
+
+
+def _bench_codec(args: argparse.Namespace) -> int:
+    from nodes.bench.codec_model import run_model_codec_bench
+
+    tokens = tuple(int(t) for t in args.tokens.split(","))
+    run_model_codec_bench(model=args.model, tokens=tokens, json_out=args.json)
+    return 0
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    from nodes.bench.quality import QualityBenchConfig, run_quality_bench
+
+    config = QualityBenchConfig(
+        data=Path(args.data),
+        limit=args.limit,
+        model=args.model,
+        conditions=tuple(args.conditions.split(",")) if args.conditions else None,
+        max_new_tokens=args.max_new_tokens,
+        kl=args.kl,
+        json_out=args.json,
+        plot=args.plot,
+        profile=args.profile,
+    )
+    run_quality_bench(config)
+    return 0
+
+
+def _bench_bus(args: argparse.Namespace) -> int:
+    from nodes.bench.bus import run_bus_bench
+
+    run_bus_bench(json_out=args.json, card_mib=args.card_mib)
+    return 0
+
+
+def _bench_handoff(args: argparse.Namespace) -> int:
+    from nodes.bench.handoff import HandoffBenchConfig, run_handoff_bench
+
+    config = HandoffBenchConfig(
+        model=args.model,
+        bits=args.bits,
+        tokens=tuple(int(t) for t in args.tokens.split(",")),
+        conditions=tuple(args.conditions.split(",")),
+    )
+    run_handoff_bench(args.json, args.plot, config=config)
+    return 0
+
+
+def _node(args: argparse.Namespace) -> int:
+    import logging
+
+    from nodes.agent import run_node
+    from nodes.config import load_node_config
+
+    config = load_node_config(args.config)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return run_node(config, events=args.events)
+
+
+def _client_targets(args: argparse.Namespace) -> tuple[list[Target], BusKeys | None]:
+    """(targets, keys) from --to/--server-key/--config/--insecure; see ``edgebus ask --help``."""
+    from edgebus import BusKeys, load_keypair, load_public_key
+    from nodes._errors import NodeError
+    from nodes.config import load_node_config
+    from nodes.roles_client import Target
+
+    cfg = load_node_config(args.config) if args.config else None
+    keys = None
+    if cfg is not None and cfg.keys is not None:
+        keys = BusKeys.from_files(cfg.keys.secret, cfg.keys.allowed, cfg.keys.hmac)
+    elif not args.insecure:
+        raise NodeError(
+            "no keys: pass --config NODE.toml (its [keys] are used) or --insecure (loopback only)"
+        )
+    endpoints: list[str] = list(args.to or [])
+    if not endpoints and cfg is not None and cfg.bus.bind:
+        # The node this config describes, reached over loopback when it binds every interface.
+        endpoints = [cfg.bus.bind.replace("//0.0.0.0:", "//127.0.0.1:").replace("//*:", "//127.0.0.1:")]
+    if not endpoints:
+        raise NodeError("no node to talk to: pass --to tcp://HOST:PORT (or --config of a node that binds)")
+    targets = []
+    for endpoint in endpoints:
+        server_key = None
+        if keys is not None:
+            if args.server_key:
+                server_key = load_public_key(args.server_key)
+            elif cfg is not None:
+                peer = next((p for p in cfg.bus.peers if p.endpoint == endpoint), None)
+                if peer is not None and peer.public_key is not None:
+                    server_key = load_public_key(peer.public_key)
+                elif cfg.keys is not None:
+                    server_key = load_keypair(cfg.keys.secret)[0]  # the config's own node
+        targets.append(Target(endpoint=endpoint, server_key=server_key))
+    return targets, keys
+
+
+def _send(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from nodes._errors import NodeError
+    from nodes.roles_client import connect
+
+    path = Path(args.file)
+    try:
+        text = sys.stdin.read() if args.file == "-" else path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NodeError(f"{args.file}: cannot read: {exc}") from exc
+    targets, keys = _client_targets(args)
+
+    async def go() -> dict[str, Any]:
+        async with connect(targets, keys=keys) as client:
+            return await client.request(
+                client.node, {"op": "read", "text": text, "topic": args.topic}, timeout_s=args.timeout
+            )
+
+    reply = asyncio.run(go())
+    print(
+        f"card {reply['card']} on {reply['topic']}: {reply['context_tokens']} tokens, "
+        f"{reply['card_bytes']} bytes at {reply['bits']} bits (fp16 KV {reply['fp16_bytes']} bytes), "
+        f"prefill {float(reply['prefill_s']):.2f} s"
+    )
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from nodes.roles_client import connect
+
+    targets, keys = _client_targets(args)
+    payload: dict[str, Any] = {"op": "ask", "card": args.card, "question": args.question, "wait_s": args.wait}
+    if args.max_new_tokens is not None:
+        payload["max_new_tokens"] = args.max_new_tokens
+
+    async def go() -> dict[str, Any]:
+        async with connect(targets, keys=keys) as client:
+            return await client.request(client.node, payload, timeout_s=args.timeout + args.wait)
+
+    r = asyncio.run(go())
+    print(r["answer"])
+    print(
+        f"  [{r['node']}] TTFT {float(r['ttft_s']):.3f} s from a {r['bits']}-bit card: "
+        f"{r['card_bytes']} bytes, {r['card_tokens']} tokens (fp16 KV {r['fp16_bytes']} bytes)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from nodes.roles_client import connect, format_status
+
+    targets, keys = _client_targets(args)
+
+    async def go() -> list[dict[str, Any]]:
+        async with connect(targets, keys=keys) as client:
+            return [await client.request(n, {"op": "status"}, timeout_s=args.timeout) for n in client.nodes]
+
+    for report in asyncio.run(go()):
+        print(format_status(report))
+    return 0
+
+
+def _add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--to", action="append", metavar="ENDPOINT", help="node control endpoint tcp://HOST:PORT")
+    p.add_argument("--config", type=Path, help="node config whose [keys] (and peers' keys) to use")
+    p.add_argument("--server-key", type=Path, help="the node's CURVE public key file")
+    p.add_argument("--insecure", action="store_true", help="no CURVE (the nodes must run insecure too)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reply")
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """True for the packages' own error trees.
+
+    Looked up in ``sys.modules`` rather than imported: if qkv was never imported, its errors cannot have been
+    raised, and importing it would cost a torch import on every command.
+    """
+    for module, name in (
+        ("qkv", "QkvError"),
+        ("qkv._errors", "QkvError"),
+        ("edgebus", "BusError"),
+        ("nodes", "NodeError"),
+        ("nodes._errors", "NodeError"),
+    ):
+        base = getattr(sys.modules.get(module), name, None)
+        if isinstance(base, type) and isinstance(exc, base):
+            return True
+    return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgebus", description="Hand LLM KV caches between edge agents as compressed CacheCards."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="the local model store").add_subparsers(
+        dest="action", required=True
+    )
+    pull = models.add_parser("pull", help="convert a catalogue model into the local store")
+    pull.add_argument("name")
+    pull.add_argument("--home", type=Path, default=None, help="store root (default $EDGEBUS_HOME)")
+    pull.add_argument("--quiet", action="store_true")
+    pull.set_defaults(handler=_models_pull)
+    lst = models.add_parser("list", help="catalogue and stored models")
+    lst.add_argument("--home", type=Path, default=None)
+    lst.set_defaults(handler=_models_list)
+
+    keys = sub.add_parser("keys", help="CurveZMQ key pairs").add_subparsers(dest="action", required=True)
+    new = keys.add_parser("new", help="make a key pair NAME.key / NAME.key_secret")
+    new.add_argument("name")
+    new.add_argument("--dir", default=".", help="directory for the key files")
+    new.set_defaults(handler=_keys_new)
+
+    demo = sub.add_parser("demo", help="hand real contexts from a reader to an answerer and compare")
+    demo.add_argument("--model", default="smollm2-135m-instruct")
+    demo.add_argument("--bits", type=int, default=4)
+    demo.add_argument("--limit", type=int, default=4, help="number of bundled contexts to hand off")
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--plot", type=Path, default=Path("out/demo_ttft.png"))
+    demo.add_argument("--in-process", action="store_true", help="hand off inside one process (no bus)")
+    demo.set_defaults(handler=_demo)
+
+    node = sub.add_parser("node", help="run an agent node (reader, answerer, relay) from a config")
+    node.add_argument("--config", type=Path, required=True)
+    node.add_argument("--events", action="store_true", help="JSON-lines events on stdout")
+    node.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    node.set_defaults(handler=_node)
+
+    send = sub.add_parser("send", help="have a reader node prefill a document and publish its card")
+    send.add_argument("file", help="text file, or - for stdin")
+    send.add_argument("--topic", required=True)
+    _add_client_options(send)
+    send.set_defaults(handler=_send)
+
+    ask = sub.add_parser("ask", help="ask an answerer node a question about a card it holds")
+    ask.add_argument("question")
+    ask.add_argument("--card", required=True)
+    ask.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the card to arrive")
+    ask.add_argument("--max-new-tokens", type=int, default=None)
+    _add_client_options(ask)
+    ask.set_defaults(handler=_ask)
+
+    status = sub.add_parser("status", help="live nodes, links, memory and budgets as nodes see them")
+    _add_client_options(status)
+    status.set_defaults(handler=_status)
+
+    bench = sub.add_parser("bench", help="benchmarks that print tables").add_subparsers(
+        dest="action", required=True
+    )
+    codec = bench.add_parser("codec", help="encode/decode speed and size on real SmolLM2 caches")
+    codec.add_argument("--model", default="smollm2-135m-instruct")
+    codec.add_argument("--tokens", default="1024,4096")
+    codec.add_argument("--json", type=Path, default=None)
+    codec.set_defaults(handler=_bench_codec)
+    quality = bench.add_parser("quality", help="answer quality per compression condition on a QA set")
+    quality.add_argument("--data", required=True)
+    quality.add_argument("--limit", type=int, default=200)
+    quality.add_argument("--model", default="smollm2-135m-instruct")
+    quality.add_argument("--conditions", default=None, help="comma-separated subset of conditions")
+    quality.add_argument("--max-new-tokens", type=int, default=24)
+    quality.add_argument("--kl", action="store_true", help="also teacher-forced KL vs the text condition")
+    quality.add_argument("--profile", type=Path, default=None, help="sensitivity profile for adaptive-b")
+    quality.add_argument("--json", type=Path, default=None)
+    quality.add_argument("--plot", type=Path, default=None)
+    quality.set_defaults(handler=_bench_quality)
+    bus = bench.add_parser("bus", help="bus throughput and latency vs raw pyzmq")
+    bus.add_argument("--json", type=Path, default=None)
+    bus.add_argument("--card-mib", type=int, default=64)
+    bus.set_defaults(handler=_bench_bus)
+    handoff = bench.add_parser("handoff", help="receiver TTFT from a card vs re-prefill, over real links")
+    handoff.add_argument("--model", default="smollm2-135m-instruct")
+    handoff.add_argument("--bits", type=int, default=4)
+    handoff.add_argument("--tokens", default="1024,2048,4096")
+    handoff.add_argument("--conditions", default="loopback,100mbit,20mbit")
+    handoff.add_argument("--json", type=Path, default=None)
+    handoff.add_argument("--plot", type=Path, default=Path("out/handoff_ttft.png"))
+    handoff.set_defaults(handler=_bench_handoff)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
+        print(f"edgebus: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # Output piped into `head` and closed: not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""Node configs: one TOML file per agent, loaded once into frozen, typed objects.
+
+Schema (every section but ``[node]`` optional; a role's section may be left out to take its defaults)::
+
+    [node]
+    name = "answerer"                     # bus node id
+    model = "smollm2-135m-instruct"       # a model-store name, or a path to a Hugging Face directory
+    device = "auto"                       # auto | cpu | cuda
+    roles = ["answerer"]                  # any of reader, answerer, relay
+    state_dir = "/var/lib/edgebus/a"      # default $EDGEBUS_STATE, else ~/.local/state/edgebus/<name>
+
+    [bus]
+    bind = "tcp://127.0.0.1:5560"         # omit for a node that only connects
+    insecure = false                      # true: no CURVE, fixed HMAC key (loopback demos only)
+    chunk_kib = 1024
+    heartbeat_s = 1.0
+    peer_timeout_s = 5.0
+    stall_timeout_s = 60.0
+    rate_limit_mbit = 20.0                # optional pull-rate cap
+    [[bus.peers]]
+    endpoint = "tcp://127.0.0.1:5550"     # a peer's control endpoint
+    public_key = "keys/reader.key"        # its CURVE public key (required unless insecure)
+
+    [keys]                                # required unless insecure
+    secret = "keys/answerer.key_secret"
+    allowed = "keys/allowed"              # directory of client *.key files allowed to connect
+    hmac = "keys/hmac.key"
+
+    [reader]     topic, bits, keep, layers, facts, documents = [paths], doc_topics = "doc/"
+    [answerer]   topics = "kv/", store_mib, reserve_mib, max_new_tokens, persist, card_wait_s
+    [relay]      topics = "kv/", out_topic, question, max_new_tokens, bits
+
+Relative paths are relative to the config file's directory. Validation is complete at load: an unknown key,
+a value of the wrong type or range, a missing or unreadable key file, a role section without its role: each
+is a :class:`~nodes._errors.ConfigFileError` naming the dotted key and the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from ._errors import ConfigFileError
+
+ROLES: Final = ("reader", "answerer", "relay")
+DEVICES: Final = ("auto", "cpu", "cuda")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_TOPIC = re.compile(r"^[A-Za-z0-9_./:-]{1,200}$")
+_ENDPOINT = re.compile(r"^tcp://[^:/]+:\d{1,5}$")
+_BITS = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 16, 32})
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerConfig:
+    endpoint: str
+    public_key: Path | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeysConfig:
+    secret: Path
+    allowed: Path
+    hmac: Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class BusSection:
+    bind: str | None = None
+    peers: tuple[PeerConfig, ...] = ()
+    insecure: bool = False
+    chunk_kib: int = 1024
+    heartbeat_s: float = 1.0
+    peer_timeout_s: float = 5.0
+    stall_timeout_s: float = 60.0
+    rate_limit_mbit: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReaderConfig:
+    topic: str
+    bits: int = 4
+    keep: float = 1.0
+    layers: float = 1.0
+    facts: bool = False
+    documents: tuple[Path, ...] = ()
+    doc_topics: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnswererConfig:
+    topics: str = "kv/"
+    store_mib: int = 512
+    reserve_mib: int = 256
+    max_new_tokens: int = 24
+    persist: bool = True
+    card_wait_s: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelayConfig:
+    out_topic: str
+    topics: str = "kv/"
+    question: str = "What is this text about?"
+    max_new_tokens: int = 16
+    bits: int | None = None  # None: the width of the incoming card
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    file: Path
+    name: str
+    model: str
+    device: Device
+    roles: tuple[str, ...]
+    state_dir: Path
+    bus: BusSection
+    keys: KeysConfig | None
+    reader: ReaderConfig | None
+    answerer: AnswererConfig | None
+    relay: RelayConfig | None
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def cards_dir(self) -> Path:
+        return self.state_dir / "cards"
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+class _Table:
+    """One TOML table being read: every key read is ticked off; what is left over is an unknown key."""
+
+    def __init__(self, file: Path, prefix: str, data: object) -> None:
+        if not isinstance(data, dict):
+            raise ConfigFileError(file, prefix, "must be a table")
+        self.file = file
+        self.prefix = prefix
+        self.data: dict[str, Any] = dict(data)
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, problem: str) -> ConfigFileError:
+        return ConfigFileError(self.file, self.key(name), problem)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ..., *, what: str = "") -> Any:
+        self.seen.add(name)
+        if name not in self.data:
+            if default is ...:
+                raise self.error(name, "missing")
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int subclass: `true` must not pass as a number.
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            names = what or " or ".join(k.__name__ for k in kinds)
+            raise self.error(name, f"expected {names}, got {type(value).__name__} {value!r}")
+        return value
+
+    def positive(self, name: str, kind: type, default: Any = ...) -> Any:
+        value = self.get(name, kind, default)
+        if value is not None and not value > 0:
+            raise self.error(name, f"must be positive, got {value!r}")
+        return value
+
+    def fraction(self, name: str, default: float) -> float:
+        value: float = self.get(name, float, default)
+        if not 0 < value <= 1:
+            raise self.error(name, f"must be in (0, 1], got {value!r}")
+        return value
+
+    def topic(self, name: str, default: Any = ...) -> Any:
+        value = self.get(name, str, default)
+        if value is not None and not _TOPIC.match(value):
+            raise self.error(name, f"{value!r}: use 1-200 of [A-Za-z0-9_./:-]")
+        return value
+
+    def bits(self, name: str, default: Any = ...) -> Any:
+        value = self.get(name, int, default)
+        if value is not None and value not in _BITS:
+            raise self.error(name, f"must be one of {sorted(_BITS)}, got {value!r}")
+        return value
+
+    def path(self, name: str, default: Any = ..., *, must_exist: str | None = None) -> Any:
+        raw = self.get(name, str, default)
+        if raw is None:
+            return None
+        path = Path(os.path.expanduser(raw))
+        if not path.is_absolute():
+            path = self.file.parent / path
+        if must_exist == "file" and not path.is_file():
+            raise self.error(name, f"{path}: no such file")
+        if must_exist == "dir" and not path.is_dir():
+            raise self.error(name, f"{path}: no such directory")
+        return path
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def load_node_config(path: Path | str, *, env: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read and validate ``path``; ``env`` (default ``os.environ``) supplies ``EDGEBUS_STATE``."""
+    file = Path(path)
+    env = os.environ if env is None else env
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigFileError(file, "", f"cannot read: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigFileError(file, "", f"not valid TOML: {exc}") from exc
+    top = _Table(file, "", raw)
+
+    node = _Table(file, "node", top.get("node", dict, what="a [node] table"))
+    name = node.get("name", str)
+    if not _NAME.match(name):
+        raise node.error("name", f"{name!r}: 1-64 of [A-Za-z0-9_.:-]")
+    model = node.get("model", str)
+    if model.startswith((".", "/", "~")) or os.sep in model:
+        model = str(node.path("model", must_exist="dir"))
+    device = node.get("device", str, "auto")
+    if device not in DEVICES:
+        raise node.error("device", f"must be one of {', '.join(DEVICES)}, got {device!r}")
+    roles_raw = node.get("roles", list, [])
+    if not roles_raw or not all(isinstance(r, str) and r in ROLES for r in roles_raw):
+        raise node.error("roles", f"must be a non-empty list of {', '.join(ROLES)}, got {roles_raw!r}")
+    roles = tuple(dict.fromkeys(roles_raw))
+    default_state = env.get("EDGEBUS_STATE") or str(Path.home() / ".local" / "state" / "edgebus" / name)
+    state_dir = node.path("state_dir", default_state)
+    node.finish()
+
+    bus = _bus_section(_Table(file, "bus", top.get("bus", dict, {})))
+    keys: KeysConfig | None = None
+    if "keys" in raw:
+        kt = _Table(file, "keys", top.get("keys", dict))
+        keys = KeysConfig(
+            secret=kt.path("secret", must_exist="file"),
+            allowed=kt.path("allowed", must_exist="dir"),
+            hmac=kt.path("hmac", must_exist="file"),
+        )
+        kt.finish()
+        _check_key_files(file, keys)
+    elif not bus.insecure:
+        raise ConfigFileError(file, "keys", "missing (or set bus.insecure = true, loopback demos only)")
+    if not bus.insecure:
+        for index, peer in enumerate(bus.peers):
+            if peer.public_key is None:
+                raise ConfigFileError(file, f"bus.peers[{index}].public_key", "missing (CURVE needs it)")
+
+    sections: dict[str, Any] = {}
+    for role in ROLES:
+        present = role in raw
+        if present and role not in roles:
+            raise ConfigFileError(file, role, f"section given but {role!r} is not in node.roles")
+        if role in roles:
+            table = _Table(file, role, top.get(role, dict, {}))
+            sections[role] = _ROLE_READERS[role](table, name)
+            table.finish()
+    top.finish()
+    if "reader" in roles and bus.bind is None:
+        raise ConfigFileError(file, "bus.bind", "a reader publishes cards and needs a bind address")
+    if "relay" in roles and bus.bind is None:
+        raise ConfigFileError(file, "bus.bind", "a relay publishes cards and needs a bind address")
+    return NodeConfig(
+        file=file,
+        name=name,
+        model=model,
+        device=device,
+        roles=roles,
+        state_dir=state_dir,
+        bus=bus,
+        keys=keys,
+        reader=sections.get("reader"),
+        answerer=sections.get("answerer"),
+        relay=sections.get("relay"),
+    )
+
+
+def _bus_section(t: _Table) -> BusSection:
+    bind = t.get("bind", str, None)
+    if bind is not None and not _ENDPOINT.match(bind):
+        raise t.error("bind", f"{bind!r} is not tcp://HOST:PORT")
+    peers: list[PeerConfig] = []
+    for index, item in enumerate(t.get("peers", list, [])):
+        pt = _Table(t.file, f"bus.peers[{index}]", item)
+        endpoint = pt.get("endpoint", str)
+        if not _ENDPOINT.match(endpoint):
+            raise pt.error("endpoint", f"{endpoint!r} is not tcp://HOST:PORT")
+        peers.append(PeerConfig(endpoint=endpoint, public_key=pt.path("public_key", None, must_exist="file")))
+        pt.finish()
+    section = BusSection(
+        bind=bind,
+        peers=tuple(peers),
+        insecure=t.get("insecure", bool, False),
+        chunk_kib=t.positive("chunk_kib", int, 1024),
+        heartbeat_s=t.positive("heartbeat_s", float, 1.0),
+        peer_timeout_s=t.positive("peer_timeout_s", float, 5.0),
+        stall_timeout_s=t.positive("stall_timeout_s", float, 60.0),
+        rate_limit_mbit=t.positive("rate_limit_mbit", float, None),
+    )
+    if section.peer_timeout_s <= section.heartbeat_s:
+        raise t.error("peer_timeout_s", "must exceed heartbeat_s")
+    if section.chunk_kib > 4096:
+        raise t.error("chunk_kib", "at most 4096 (4 MiB chunks)")
+    t.finish()
+    return section
+
+
+def _check_key_files(file: Path, keys: KeysConfig) -> None:
+    """Read every key file now, so a bad one is reported against its key, not at bus start."""
+    from edgebus import ConfigError, load_hmac_key, load_keypair, load_public_keys
+
+    for key, action in (
+        ("keys.secret", lambda: load_keypair(keys.secret)),
+        ("keys.allowed", lambda: load_public_keys(keys.allowed)),
+        ("keys.hmac", lambda: load_hmac_key(keys.hmac)),
+    ):
+        try:
+            action()
+        except ConfigError as exc:
+            raise ConfigFileError(file, key, str(exc)) from exc
+
+
+def _reader(t: _Table, name: str) -> ReaderConfig:
+    return ReaderConfig(
+        topic=t.topic("topic", f"kv/{name}"),
+        bits=t.bits("bits", 4),
+        keep=t.fraction("keep", 1.0),
+        layers=t.fraction("layers", 1.0),
+        facts=t.get("facts", bool, False),
+        documents=tuple(_paths(t, "documents")),
+        doc_topics=t.topic("doc_topics", None),
+    )
+
+
+def _paths(t: _Table, name: str) -> list[Path]:
+    items = t.get(name, list, [])
+    out: list[Path] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise t.error(f"{name}[{index}]", f"expected str, got {type(item).__name__}")
+        path = Path(os.path.expanduser(item))
+        path = path if path.is_absolute() else t.file.parent / path
+        if not path.is_file():
+            raise t.error(f"{name}[{index}]", f"{path}: no such file")
+        out.append(path)
+    return out
+
+
+def _answerer(t: _Table, _: str) -> AnswererConfig:
+    return AnswererConfig(
+        topics=t.topic("topics", "kv/"),
+        store_mib=t.positive("store_mib", int, 512),
+        reserve_mib=t.get("reserve_mib", int, 256),
+        max_new_tokens=t.positive("max_new_tokens", int, 24),
+        persist=t.get("persist", bool, True),
+        card_wait_s=t.positive("card_wait_s", float, 60.0),
+    )
+
+
+def _relay(t: _Table, name: str) -> RelayConfig:
+    return RelayConfig(
+        out_topic=t.topic("out_topic", f"kv/{name}"),
+        topics=t.topic("topics", "kv/"),
+        question=t.get("question", str, "What is this text about?"),
+        max_new_tokens=t.positive("max_new_tokens", int, 16),
+        bits=t.bits("bits", None),
+    )
+
+
+_ROLE_READERS = {"reader": _reader, "answerer": _answerer, "relay": _relay}
+
+
+def bus_config(cfg: NodeConfig) -> Any:
+    """The :class:`edgebus.BusConfig` for this node (key files were checked at load)."""
+    from edgebus import BusConfig, BusKeys, PeerAddress, load_public_key
+
+    keys = None if cfg.keys is None else BusKeys.from_files(cfg.keys.secret, cfg.keys.allowed, cfg.keys.hmac)
+    peers = tuple(
+        PeerAddress(
+            endpoint=p.endpoint,
+            server_key=None if keys is None or p.public_key is None else load_public_key(p.public_key),
+        )
+        for p in cfg.bus.peers
+    )
+    b = cfg.bus
+    rate = None if b.rate_limit_mbit is None else b.rate_limit_mbit * 1e6 / 8
+    chunk = b.chunk_kib << 10
+    return BusConfig(
+        node_id=cfg.name,
+        spool_dir=cfg.spool_dir,
+        bind=b.bind,
+        connect=peers,
+        keys=keys,
+        insecure=keys is None and b.insecure,
+        roles=cfg.roles,
+        chunk_bytes=chunk,
+        credit_bytes=max(8 << 20, 2 * chunk),
+        heartbeat_s=b.heartbeat_s,
+        peer_timeout_s=b.peer_timeout_s,
+        stall_timeout_s=b.stall_timeout_s,
+        rate_limit_bps=rate,
+    )

@@ -1,0 +1,293 @@
+"""Context -> CacheCard -> answer: the codec's pieces composed the way a sender and a receiver use them.
+
+The sender (:func:`encode_context`) prefills the context once, then applies a :class:`~qkv._budget.Budget`:
+token eviction (with optional Orthogonal BackFill), layer selection, adaptive or uniform widths, token-level
+mixed precision and fact extraction, and writes one CacheCard. The receiver (:func:`answer_from_card`)
+verifies and decodes the card against its own model fingerprint and generates from it with only its own
+question tokens; it never sees the context text.
+
+Honest accounting: ``fp16_bytes`` is the fp16 size of the *whole* context's KV before any eviction or layer
+selection, so ``fp16_bytes / card_bytes`` is the compression a receiver actually gets over sending the cache.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ._allocate import SensitivityProfile
+from ._budget import Budget
+from ._card import CardMeta, DecodedCard, EncodingPlan, decode_card, encode_card, read_card_info
+from ._errors import CalibrationError
+from ._evict import evict
+from ._facts import extract_facts
+from ._hf import Generation, generate_from_snapshot, generate_from_text, prefill, prefill_observed
+from ._importance import attention_mass_by_class, class_bits_for_budget, head_importance, token_classes
+from ._kv import KVSnapshot
+from ._layers import select_layers
+from ._modelstore import LoadedModel
+
+#: Shares of tokens in the importance classes used by token-level mixed precision (most important first).
+TOKEN_CLASS_SHARES = (0.1, 0.3, 0.6)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodedContext:
+    """A card and what it cost to make."""
+
+    data: bytes
+    card_id: str
+    budget: Budget
+    context_tokens: int  # tokens the sender prefilled (template included)
+    card_tokens: int  # tokens kept in the card
+    layers_sent: int
+    fp16_bytes: int  # fp16 KV of the whole context: the ratio's denominator
+    facts: str
+    prefill_s: float
+    encode_s: float  # everything after the prefill: attention stats, eviction, allocation, packing
+
+    @property
+    def card_bytes(self) -> int:
+        return len(self.data)
+
+    @property
+    def ratio(self) -> float:
+        return self.fp16_bytes / len(self.data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CardAnswer:
+    """The receiver's answer from a card; ``ttft_s`` counts card decoding too."""
+
+    generation: Generation
+    decode_s: float
+    card: DecodedCard
+
+    @property
+    def text(self) -> str:
+        return self.generation.text
+
+    @property
+    def ttft_s(self) -> float:
+        return self.decode_s + self.generation.ttft_s
+
+
+def _layer_widths(
+    budget: Budget, num_layers: int, sent: Sequence[int], profile: SensitivityProfile | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-layer key and value widths; layers not sent get the (unused) width 0."""
+    if not budget.adaptive:
+        width = int(budget.bits)
+        keys = tuple(width if i in sent else 0 for i in range(num_layers))
+        return keys, keys
+    if profile is None:
+        raise CalibrationError(
+            "an adaptive budget needs a sensitivity profile: run `edgebus calibrate --model NAME --data FILE`"
+        )
+    if profile.group_size != budget.group_size:
+        raise CalibrationError(
+            f"profile was measured at group size {profile.group_size}, budget asks for {budget.group_size}"
+        )
+    allocation = profile.allocate(budget.bits, layers=list(sent))
+    key_bits = tuple(int(w) if w is not None else 0 for w in allocation.key_bits)
+    value_bits = tuple(int(w) if w is not None else 0 for w in allocation.value_bits)
+    return key_bits, value_bits
+
+
+def _class_widths(
+    widths: Sequence[int], shares: Sequence[float], class_mass: Sequence[float]
+) -> tuple[tuple[int, ...], ...]:
+    """Per layer, one width per importance class whose token-weighted mean stays within the layer's width.
+
+    Classes share the layer's quantization groups, so the scale/zero overhead is the same as uniform.
+    """
+    cache: dict[int, tuple[int, ...]] = {}
+    out: list[tuple[int, ...]] = []
+    for width in widths:
+        if width == 0 or width > 8:
+            out.append(tuple(width for _ in shares))
+            continue
+        if width not in cache:
+            cache[width] = class_bits_for_budget(shares, float(width), class_mass=class_mass)
+        out.append(cache[width])
+    return tuple(out)
+
+
+def _token_mixed_widths(budget: Budget, num_layers: int, sent: Sequence[int]) -> tuple[int, ...]:
+    """Base width per layer for token-mixed (non-adaptive) budgets: the code-width average, floored."""
+    width = int(math.floor(budget.bits))
+    return tuple(width if i in sent else 0 for i in range(num_layers))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Observation:
+    """What one prefill of a context yields: the KV, and window attention when a budget needs it."""
+
+    snapshot: KVSnapshot
+    attn: torch.Tensor | None  # [layers, heads, window, tokens], or None
+    context_span: tuple[int, int]  # [start, end) of the context tokens
+    prefill_s: float
+
+
+def observe(lm: LoadedModel, context: str, *, window: int | None = None) -> Observation:
+    """Prefill ``context``; with ``window``, also the attention of its last ``window`` tokens."""
+    parts = lm.template.split(lm.tokenizer, context, "")
+    start = time.perf_counter()
+    attn: torch.Tensor | None = None
+    if window is not None:
+        snapshot, attn = prefill_observed(
+            lm, parts.prefix_ids, window=window, template_prefix_tokens=parts.template_prefix_tokens
+        )
+    else:
+        snapshot = prefill(lm, parts.prefix_ids, template_prefix_tokens=parts.template_prefix_tokens)
+    return Observation(
+        snapshot=snapshot,
+        attn=attn,
+        context_span=parts.context_token_span,
+        prefill_s=time.perf_counter() - start,
+    )
+
+
+def needs_attention(budget: Budget) -> bool:
+    """True when the budget uses attention statistics (eviction, token classes, layer selection)."""
+    return budget.keep < 1.0 or budget.token_mixed or budget.layers < 1.0
+
+
+def encode_context(
+    lm: LoadedModel,
+    context: str,
+    budget: Budget | None = None,
+    *,
+    sender: str = "",
+    profile: SensitivityProfile | None = None,
+) -> EncodedContext:
+    """Prefill ``context`` with ``lm`` and write one CacheCard under ``budget``."""
+    budget = budget or Budget()
+    obs = observe(lm, context, window=budget.window if needs_attention(budget) else None)
+    return encode_observation(lm, obs, budget, context=context, sender=sender, profile=profile)
+
+
+def encode_observation(
+    lm: LoadedModel,
+    obs: Observation,
+    budget: Budget,
+    *,
+    context: str,
+    sender: str = "",
+    profile: SensitivityProfile | None = None,
+) -> EncodedContext:
+    """Apply ``budget`` to an observed prefill and write the card (``context`` feeds fact extraction)."""
+    if needs_attention(budget) and obs.attn is None:
+        raise ValueError("this budget needs window attention: observe(..., window=budget.window)")
+    start = time.perf_counter()
+    snapshot = obs.snapshot
+    context_tokens = snapshot.num_tokens
+    fp16_bytes = snapshot.fp16_bytes()
+    num_layers = snapshot.num_layers
+    per_head: torch.Tensor | None = None
+    if obs.attn is not None and needs_attention(budget):
+        per_head = head_importance(obs.attn, num_kv_heads=lm.fingerprint.num_kv_heads)  # [layers, kv_heads, T]
+
+    if budget.keep < 1.0 and per_head is not None:
+        snapshot = evict(
+            snapshot,
+            per_head,
+            keep=budget.keep,
+            sinks=budget.sinks,
+            window=budget.window,
+            obf=budget.obf,
+            obf_rank=budget.obf_rank,
+        )
+        # Original positions are 0..T-1, so the kept positions index the kept tokens of the statistics.
+        per_head = per_head[:, :, snapshot.positions]
+
+    sent: tuple[int, ...] = tuple(range(num_layers))
+    if budget.layers < 1.0 and per_head is not None:
+        sent = select_layers(per_head, fraction=budget.layers, context_span=obs.context_span)
+        keep_layer = set(sent)
+        snapshot = replace(
+            snapshot,
+            keys=tuple(k if i in keep_layer else None for i, k in enumerate(snapshot.keys)),
+            values=tuple(v if i in keep_layer else None for i, v in enumerate(snapshot.values)),
+        )
+
+    if budget.token_mixed and not budget.adaptive:
+        key_bits = value_bits = _token_mixed_widths(budget, num_layers, sent)
+    else:
+        key_bits, value_bits = _layer_widths(budget, num_layers, sent, profile)
+
+    classes: torch.Tensor | None = None
+    class_key_bits = class_value_bits = None
+    if budget.token_mixed and per_head is not None:
+        received = per_head.mean(dim=(0, 1))
+        classes = token_classes(received, shares=TOKEN_CLASS_SHARES)
+        mass = attention_mass_by_class(received, classes, len(TOKEN_CLASS_SHARES))
+        class_key_bits = _class_widths(key_bits, TOKEN_CLASS_SHARES, mass)
+        class_value_bits = _class_widths(value_bits, TOKEN_CLASS_SHARES, mass)
+
+    plan = EncodingPlan(
+        key_bits=key_bits,
+        value_bits=value_bits,
+        group_size=budget.group_size,
+        token_classes=classes,
+        class_key_bits=class_key_bits,
+        class_value_bits=class_value_bits,
+    )
+    facts = extract_facts(context).to_text() if budget.facts else ""
+    meta = CardMeta(
+        sender=sender,
+        created=time.time(),
+        facts=facts,
+        budget=budget.to_dict(),
+        extra={"context_tokens": context_tokens, "fp16_bytes": fp16_bytes, "layers_sent": list(sent)},
+    )
+    data = encode_card(snapshot, plan, meta=meta)
+    encode_s = time.perf_counter() - start
+    return EncodedContext(
+        data=data,
+        card_id=read_card_info(data).card_id,
+        budget=budget,
+        context_tokens=context_tokens,
+        card_tokens=snapshot.num_tokens,
+        layers_sent=len(sent),
+        fp16_bytes=fp16_bytes,
+        facts=facts,
+        prefill_s=obs.prefill_s,
+        encode_s=encode_s,
+    )
+
+
+def answer_from_card(
+    lm: LoadedModel,
+    data: bytes | memoryview,
+    question: str,
+    *,
+    max_new_tokens: int = 24,
+    use_facts: bool = True,
+) -> CardAnswer:
+    """Verify and decode ``data`` for ``lm`` (CardError if it is not for this model) and answer ``question``."""
+    start = time.perf_counter()
+    card = decode_card(data, expect=lm.fingerprint, device=lm.device, dtype=_model_dtype(lm))
+    decode_s = time.perf_counter() - start
+    facts = card.meta.facts if use_facts and card.meta.facts else None
+    suffix = lm.template.split(lm.tokenizer, "", question, facts=facts).suffix_ids
+    generation = generate_from_snapshot(lm, card.snapshot, suffix, max_new_tokens=max_new_tokens)
+    return CardAnswer(generation=generation, decode_s=decode_s, card=card)
+
+
+def answer_from_text(
+    lm: LoadedModel, context: str, question: str, *, facts: str | None = None, max_new_tokens: int = 24
+) -> Generation:
+    """The re-prefill baseline: the receiver reads the whole text itself."""
+    parts = lm.template.split(lm.tokenizer, context, question, facts=facts)
+    return generate_from_text(lm, parts.prefix_ids, parts.suffix_ids, max_new_tokens=max_new_tokens)
+
+
+def _model_dtype(lm: LoadedModel) -> torch.dtype:
+    dtype: Any = getattr(lm.model, "dtype", torch.float32)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32

@@ -1,0 +1,162 @@
+"""Bus lifecycle, requests, presence, CURVE on loopback, statistics and the public surface."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import edgebus
+from edgebus import (
+    Bus,
+    BusConfig,
+    BusState,
+    ClosedError,
+    ConfigError,
+    PayloadTooLarge,
+    PeerAddress,
+    PeerGone,
+    RemoteError,
+    RequestTimeout,
+    load_public_key,
+)
+from tests.edgebus.peer_main import keys_for, make_keys
+
+FAST = {"heartbeat_s": 0.05, "peer_timeout_s": 0.5}
+
+
+def test_exported_members() -> None:
+    assert sorted(edgebus.__all__) == edgebus.__all__
+    for name in edgebus.__all__:
+        assert getattr(edgebus, name) is not None
+    assert {"Bus", "BusConfig", "Announcement", "BusStats", "LinkEstimate", "new_keypair"} <= set(
+        edgebus.__all__
+    )
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="node_id"):
+        BusConfig(node_id="bad id!", spool_dir=tmp_path)
+    with pytest.raises(ConfigError, match="credit_bytes"):
+        BusConfig(node_id="a", spool_dir=tmp_path, credit_bytes=10)
+    with pytest.raises(ConfigError, match="bind"):
+        BusConfig(node_id="a", spool_dir=tmp_path, bind="udp://x")
+
+
+async def test_lifecycle_states_and_idempotent_close(tmp_path: Path) -> None:
+    bus = Bus(BusConfig(node_id="a", spool_dir=tmp_path, insecure=True))
+    assert bus.state is BusState.UNOPENED
+    async with bus:
+        assert bus.state is BusState.OPEN
+        tasks = set(bus._tasks)
+        assert tasks
+    assert bus.state is BusState.CLOSED
+    assert all(t.done() for t in tasks)
+    await bus.aclose()
+    with pytest.raises(ClosedError):
+        await bus.publish_card("x", b"1")
+    with pytest.raises(ClosedError):
+        await bus.open()
+
+
+async def test_close_while_a_request_is_pending_fails_it(tmp_path: Path) -> None:
+    async with Bus(BusConfig(node_id="a", spool_dir=tmp_path / "a", insecure=True, **FAST)) as a:
+        gate = asyncio.Event()
+
+        async def slow(peer: str, payload: dict[str, Any]) -> dict[str, Any]:
+            await gate.wait()
+            return {}
+
+        a.on_request(slow)
+        cfg = BusConfig(
+            node_id="b", spool_dir=tmp_path / "b", insecure=True, bind=None,
+            connect=(PeerAddress(endpoint=a.endpoints.control),), **FAST,
+        )  # fmt: skip
+        b = Bus(cfg)
+        await b.open()
+        await b.wait_for_peer("a", timeout=5)
+        pending = asyncio.create_task(b.request("a", {}, timeout=30))
+        await asyncio.sleep(0.05)
+        await b.aclose()
+        with pytest.raises(ClosedError):
+            await pending
+        gate.set()
+
+
+async def test_requests_both_ways_errors_and_presence(tmp_path: Path) -> None:
+    async with Bus(
+        BusConfig(node_id="a", spool_dir=tmp_path / "a", insecure=True, roles=("holder",), **FAST)
+    ) as a:
+
+        async def echo(peer: str, payload: dict[str, Any]) -> dict[str, Any]:
+            if payload.get("fail"):
+                raise ValueError("as asked")
+            if payload.get("hang"):
+                await asyncio.Event().wait()
+            return {"peer": peer, "got": payload}
+
+        a.on_request(echo)
+        cfg = BusConfig(
+            node_id="b", spool_dir=tmp_path / "b", insecure=True, bind=None,
+            connect=(PeerAddress(endpoint=a.endpoints.control),), **FAST,
+        )  # fmt: skip
+        async with Bus(cfg) as b:
+            b.on_request(echo)
+            b.set_presence_info({"ram_mb": 512})
+            info = await b.wait_for_peer("a", timeout=5)
+            assert info.roles == ("holder",)
+            assert await b.request("a", {"x": 1}) == {"peer": "b", "got": {"x": 1}}
+            assert await a.request("b", {"y": 2}) == {"peer": "a", "got": {"y": 2}}
+            with pytest.raises(RemoteError, match="as asked"):
+                await b.request("a", {"fail": True})
+            with pytest.raises(RequestTimeout):
+                await b.request("a", {"hang": True}, timeout=0.2)
+            with pytest.raises(PeerGone):
+                await b.request("nobody", {})
+            with pytest.raises(PayloadTooLarge):
+                await b.request("a", {"blob": b"x" * (2 << 20)})
+            with pytest.raises(PayloadTooLarge):
+                b.set_presence_info({"blob": "x" * 10_000})
+            b.set_presence_info({"ram_mb": 256})
+            while [p.info.get("ram_mb") for p in a.peers()] != [256]:  # noqa: ASYNC110 - test polling
+                await asyncio.sleep(0.02)
+            assert b.link("a").rtt_s > 0
+            stats = b.stats()
+            assert dataclasses.is_dataclass(stats)
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                stats.frames_in = 0  # type: ignore[misc]
+        # b is gone: a notices within the peer timeout
+        while a.peers():  # noqa: ASYNC110 - test polling with the suite's timeout
+            await asyncio.sleep(0.05)
+
+
+async def test_curve_on_loopback_end_to_end(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path / "keys")
+    server_cfg = BusConfig(node_id="server", spool_dir=tmp_path / "s", keys=keys_for(keys, "server"), **FAST)
+    async with Bus(server_cfg) as server:
+        card = b"secret bytes" * 10_000
+        card_id = await server.publish_card("kv/c", card, meta={"layers": 30})
+        address = PeerAddress(
+            endpoint=server.endpoints.control, server_key=load_public_key(keys / "server.key")
+        )
+        client_cfg = BusConfig(
+            node_id="client",
+            spool_dir=tmp_path / "c",
+            keys=keys_for(keys, "client"),
+            connect=(address,),
+            **FAST,
+        )
+        async with Bus(client_cfg) as client:
+            ann = await anext(client.announcements())
+            assert (ann.card_id, dict(ann.meta)) == (card_id, {"layers": 30})
+            assert await client.fetch_card(ann) == card
+    with pytest.raises(ConfigError, match="server_key"):
+        BusConfig(
+            node_id="x",
+            spool_dir=tmp_path,
+            keys=keys_for(keys, "client"),
+            connect=(PeerAddress(endpoint="tcp://127.0.0.1:1"),),
+        )

@@ -1,0 +1,358 @@
+"""BudgetPolicy: TTFT model, constraints, deadline, hysteresis, memory-driven bit budget, table I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+
+from edgebus._cardstore import CardStore, CardStoreConfig
+from edgebus._errors import ConfigError
+from edgebus._memory import MemoryReading, ScriptedMemoryProbe
+from edgebus._policy import (
+    BudgetPolicy,
+    Decision,
+    InvalidPolicyInput,
+    NoFeasibleRepresentation,
+    PolicyConfig,
+    PolicyInputs,
+    RateQualityPoint,
+    RateQualityTable,
+)
+
+MB = 1_000_000
+KV = 23_040  # SmolLM2-135M fp16 KV bytes per token (FIELD-NOTES)
+TOKENS = 1024
+GBIT = 1e9 / 8  # bytes per second in one Gbit/s
+
+
+def card(bits: float, bpt: float, quality: float, *, facts: bool = False) -> RateQualityPoint:
+    return RateQualityPoint(
+        representation="card",
+        bits=bits,
+        keep=1.0,
+        layers=1.0,
+        bytes_per_token=bpt,
+        quality=quality,
+        facts=facts,
+    )
+
+
+# Sizes per token follow the FIELD-NOTES codec sizes for 1K SmolLM2 tokens (8-bit 12.5 MB ... 2-bit 3.7 MB).
+TABLE = RateQualityTable(
+    model="smollm2-135m-instruct",
+    points=(
+        card(8, 12_207, 0.99),
+        card(4, 6_445, 0.96),
+        card(3, 5_078, 0.90),
+        card(2, 3_613, 0.70),
+        RateQualityPoint(representation="text", bits=16, keep=1, layers=1, bytes_per_token=0, quality=1.0),
+    ),
+)
+# Receiver peak RAM per candidate: card + fp16 KV (23.6 MB). 8-bit 36.1 MB, 4-bit 30.2, 3-bit 28.8, text 23.6.
+
+
+def inputs(**overrides: object) -> PolicyInputs:
+    """A fast local link where the fp16 inject dominates, so the card sizes are near-ties on TTFT."""
+    base: dict[str, object] = {
+        "sender_headroom_bytes": 1_000 * MB,
+        "receiver_headroom_bytes": 1_000 * MB,
+        "bandwidth_bytes_per_s": 45 * GBIT,
+        "rtt_s": 0.0001,
+        "prefill_tokens_per_s": 300.0,
+        "decode_bytes_per_s": 5e9,
+        "context_tokens": TOKENS,
+        "kv_bytes_per_token": KV,
+        "text_bytes": 4 * TOKENS,
+        "inject_bytes_per_s": 0.5e9,
+    }
+    base.update(overrides)
+    return PolicyInputs(**base)  # type: ignore[arg-type]
+
+
+def policy(**config: object) -> BudgetPolicy:
+    settings: dict[str, object] = {"quality_floor": 0.85}
+    settings.update(config)
+    return BudgetPolicy(TABLE, PolicyConfig(**settings))  # type: ignore[arg-type]
+
+
+def run(p: BudgetPolicy, headrooms: list[float]) -> list[float]:
+    """Bits chosen as the receiver's advertised headroom goes through ``headrooms`` (MB)."""
+    previous: Decision | None = None
+    chosen = []
+    for headroom in headrooms:
+        previous = p.decide(inputs(receiver_headroom_bytes=int(headroom * MB)), previous)
+        chosen.append(previous.bits)
+    return chosen
+
+
+# ---------------------------------------------------------------- the TTFT model
+
+
+def test_predicted_ttft_follows_the_documented_model() -> None:
+    x = inputs(bandwidth_bytes_per_s=0.1 * GBIT, rtt_s=0.02, receiver_headroom_bytes=10**12)
+    table = RateQualityTable(
+        points=(
+            card(4, 6_000, 0.97),
+            RateQualityPoint(
+                representation="hybrid", bits=4, keep=0.5, layers=0.5, bytes_per_token=3_000, quality=0.98
+            ),
+        )
+    )
+    decide = {
+        rep: BudgetPolicy(
+            RateQualityTable(points=tuple(p for p in table.candidates() if p.representation == rep)),
+            PolicyConfig(quality_floor=0.0),
+        ).decide(x)
+        for rep in ("card", "hybrid")
+    }
+    text_only = BudgetPolicy(
+        RateQualityTable(points=(TABLE.points[-1],)), PolicyConfig(quality_floor=0)
+    ).decide(x)
+    n = TOKENS
+    expected_text = 0.02 + 4 * n / (0.1 * GBIT) + n / 300
+    expected_card = 0.02 + 6_000 * n / (0.1 * GBIT) + 6_000 * n / 5e9 + KV * n / 0.5e9
+    expected_hybrid = (
+        0.02 + (3_000 * n + 4 * n) / (0.1 * GBIT) + 3_000 * n / 5e9 + KV * n * 0.25 / 0.5e9 + n * 0.5 / 300
+    )
+    assert math.isclose(text_only.predicted_ttft_s, expected_text)
+    assert math.isclose(decide["card"].predicted_ttft_s, expected_card)
+    assert math.isclose(decide["hybrid"].predicted_ttft_s, expected_hybrid)
+    assert decide["card"].wire_bytes == 6_000 * n
+    assert decide["hybrid"].wire_bytes == 3_000 * n + 4 * n
+
+
+def test_text_is_chosen_when_the_link_is_slow_and_the_context_short() -> None:
+    d = policy().decide(inputs(bandwidth_bytes_per_s=0.001 * GBIT, context_tokens=20, text_bytes=80))
+    assert d.representation == "text"
+    assert d.predicted_quality == 1.0
+
+
+def test_a_slow_link_picks_the_smallest_card_above_the_floor() -> None:
+    d = policy().decide(inputs(bandwidth_bytes_per_s=0.05 * GBIT))
+    assert (d.representation, d.bits) == ("card", 3)
+    assert "fastest" in d.reason
+
+
+def test_quality_floor_excludes_faster_cards() -> None:
+    d = policy(quality_floor=0.95).decide(inputs(bandwidth_bytes_per_s=0.05 * GBIT))
+    assert d.bits == 4
+    assert d.predicted_quality >= 0.95
+
+
+def test_table_without_text_row_still_offers_text() -> None:
+    p = BudgetPolicy(RateQualityTable(points=(card(2, 3_613, 0.5),)), PolicyConfig(quality_floor=0.9))
+    assert p.decide(inputs()).representation == "text"
+
+
+# ---------------------------------------------------------------- memory drives the bit budget
+
+
+def test_falling_receiver_memory_lowers_the_bits_and_rising_memory_restores_them() -> None:
+    falling = run(policy(), [1000, 37, 35, 30, 26])
+    # 8-bit is kept at 37 MB (it needs 36.1), 4-bit at 35, 3-bit at 30; at 26 only text fits.
+    assert falling == [8, 8, 4, 3, 16]
+    assert all(a >= b for a, b in itertools.pairwise(falling[:-1]))
+    # Rising: a bigger candidate needs 10% spare (3-bit: 31.7 MB, 4-bit: 33.2, 8-bit: 39.7).
+    assert run(policy(), [30, 32, 34, 38, 40, 1000]) == [3, 3, 4, 4, 8, 8]
+
+
+def test_sender_memory_also_bounds_the_card() -> None:
+    d = policy().decide(inputs(sender_headroom_bytes=7 * MB))
+    assert d.bits == 4  # the 12.5 MB 8-bit card cannot be built at the sender
+    assert d.wire_bytes <= 7 * MB
+
+
+def test_nothing_fits_raises_no_feasible_representation() -> None:
+    with pytest.raises(NoFeasibleRepresentation):
+        policy().decide(inputs(receiver_headroom_bytes=20 * MB))
+
+
+def test_scripted_memory_drives_both_the_store_and_the_policy() -> None:
+    """One scripted reading sequence: the store sheds and the policy lowers its bits as memory falls."""
+    reserve = 10 * MB
+    probe = ScriptedMemoryProbe([MemoryReading(available=200 * MB, total=512 * MB, process_rss=0)])
+    store = CardStore(
+        CardStoreConfig(cap_bytes=64 * MB, reserve_bytes=reserve, probe_interval_s=0), probe=probe
+    )
+    p = policy()
+    store.put("in-flight", b"p" * (8 * MB), pin=True)
+    for index in range(6):
+        store.put(f"c{index}", b"c" * (8 * MB))
+    previous: Decision | None = None
+    bits = []
+    for available_mb in (200, 45, 39.5, 35):
+        available = int(available_mb * MB)
+        probe.extend([MemoryReading(available=available, total=512 * MB, process_rss=0)])
+        store.refresh()
+        # The receiver advertises the memory left above its reserve as its headroom for an incoming card.
+        previous = p.decide(inputs(receiver_headroom_bytes=max(0, available - reserve)), previous)
+        bits.append(previous.bits)
+    assert bits == [8, 4, 3, 16]  # headroom 190, 35, 29.5, 25 MB
+    assert store.statistics().evictions == 0  # the store's own 56 MB still fit above the reserve
+
+    # Memory falls below the reserve: the store sheds unpinned cards and nothing fits a new card.
+    probe.extend([MemoryReading(available=2 * MB, total=512 * MB, process_rss=0)])
+    assert store.refresh() == ("c0",)  # budget 2 + 56 held - 10 reserve = 48 MB: the LRU card goes
+    assert "in-flight" in store  # pinned: never shed
+    with pytest.raises(NoFeasibleRepresentation):
+        p.decide(inputs(receiver_headroom_bytes=0), previous)
+
+    # Memory comes back: the store's budget returns to its cap and the policy to 8-bit cards.
+    probe.extend([MemoryReading(available=300 * MB, total=512 * MB, process_rss=0)])
+    assert store.refresh() == ()
+    assert store.budget == 64 * MB
+    assert p.decide(inputs(receiver_headroom_bytes=290 * MB), previous).bits == 8
+
+
+# ---------------------------------------------------------------- deadline and hysteresis
+
+
+def test_a_deadline_overrides_the_near_tie_quality_preference() -> None:
+    # At 3 Gbit/s: 3-bit 62.2 ms (fastest), 4-bit 66.2 ms (within 10%, better quality), 8-bit 83.1 ms.
+    assert policy().decide(inputs(bandwidth_bytes_per_s=3 * GBIT)).bits == 4
+    d = policy(deadline_s=0.064).decide(inputs(bandwidth_bytes_per_s=3 * GBIT))
+    assert d.bits == 3
+    assert d.predicted_ttft_s <= 0.064
+    assert "deadline" not in d.reason
+
+
+def test_no_candidate_meets_the_deadline_fastest_is_chosen_and_said() -> None:
+    d = policy(deadline_s=0.001).decide(inputs(bandwidth_bytes_per_s=0.05 * GBIT))
+    assert d.bits == 3
+    assert "deadline" in d.reason
+
+
+# Around 16 Gbit/s the 8-bit card's TTFT crosses 1.1x the fastest card's: the near-tie boundary.
+WOBBLE = tuple(g * GBIT for g in (16, 14.5, 17.5, 15, 17, 14.4, 17.6, 15))
+
+
+def switches(bits: list[float]) -> int:
+    return sum(1 for a, b in itertools.pairwise(bits) if a != b)
+
+
+def test_link_estimates_wobbling_at_a_boundary_do_not_flap_the_choice() -> None:
+    p = policy()
+    previous: Decision | None = None
+    chosen = []
+    for bandwidth in WOBBLE:
+        previous = p.decide(inputs(bandwidth_bytes_per_s=bandwidth), previous)
+        chosen.append(previous.bits)
+    assert switches(chosen) <= 1
+    assert "kept previous choice" in previous.reason if previous is not None else False
+
+
+def test_without_hysteresis_the_same_wobble_does_flap() -> None:
+    """The control for the test above: deciding afresh each time flips with every wobble."""
+    p = policy()
+    assert switches([p.decide(inputs(bandwidth_bytes_per_s=b)).bits for b in WOBBLE]) >= 5
+
+
+def test_a_large_change_does_switch() -> None:
+    p = policy()
+    fast = p.decide(inputs())
+    slow = p.decide(inputs(bandwidth_bytes_per_s=0.02 * GBIT), fast)
+    assert (fast.bits, slow.bits) == (8, 3)
+    back = p.decide(inputs(), slow)
+    assert back.bits == 8
+
+
+def test_previous_choice_missing_from_the_table_is_replaced() -> None:
+    p = policy()
+    stale = dataclasses.replace(p.decide(inputs()), bits=5)
+    d = p.decide(inputs(), stale)
+    assert d.bits == 8
+    assert "no longer feasible" in d.reason
+
+
+def test_every_decision_is_logged_with_its_inputs(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="edgebus.policy"):
+        d = policy().decide(inputs(rtt_s=0.0123))
+    record = next(r for r in caplog.records if r.name == "edgebus.policy")
+    assert "rtt_s=0.0123" in record.getMessage()
+    assert d.inputs.rtt_s == 0.0123
+
+
+# ---------------------------------------------------------------- validation and table I/O
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("bandwidth_bytes_per_s", 0),
+        ("bandwidth_bytes_per_s", float("nan")),
+        ("rtt_s", -1),
+        ("receiver_headroom_bytes", float("inf")),
+        ("prefill_tokens_per_s", 0),
+        ("kv_bytes_per_token", True),
+        ("context_tokens", "1024"),
+    ],
+)
+def test_bad_inputs_are_refused_with_a_typed_error(field: str, value: object) -> None:
+    with pytest.raises(InvalidPolicyInput, match=field):
+        inputs(**{field: value})
+
+
+def test_bad_config_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        PolicyConfig(quality_floor=1.5)
+    with pytest.raises(ConfigError):
+        PolicyConfig(quality_floor=0.9, deadline_s=0)
+    with pytest.raises(ConfigError):
+        PolicyConfig(quality_floor=0.9, switch_margin=1.0)
+
+
+def test_table_round_trips_through_json_and_disk(tmp_path: Path) -> None:
+    path = tmp_path / "rq.json"
+    table = RateQualityTable(
+        model="m",
+        points=(*TABLE.points, card(4, 7_000, 0.97, facts=True)),
+    )
+    table.save(path)
+    assert RateQualityTable.load(path) == table
+    assert [p.name for p in tmp_path.iterdir()] == ["rq.json"]
+    assert json.loads(path.read_text())["version"] == 1
+
+
+@pytest.mark.parametrize(
+    ("document", "needle"),
+    [
+        ("[1]", "object"),
+        ('{"version": 2, "points": []}', "version"),
+        ('{"version": 1, "points": [], "extra": 1}', "extra"),
+        ('{"version": 1, "points": []}', "points"),
+        ('{"version": 1, "points": [{"representation": "card"}]}', "points[0]"),
+        (
+            '{"version": 1, "points": [{"representation": "pdf", "bits": 4, "keep": 1, "layers": 1, '
+            '"bytes_per_token": 1, "quality": 1}]}',
+            "representation",
+        ),
+        (
+            '{"version": 1, "points": [{"representation": "card", "bits": 4, "keep": 2, "layers": 1, '
+            '"bytes_per_token": 1, "quality": 1}]}',
+            "keep",
+        ),
+        (
+            '{"version": 1, "points": [{"representation": "card", "bits": 4, "keep": 1, "layers": 1, '
+            '"bytes_per_token": 1, "quality": 1, "colour": "red"}]}',
+            "colour",
+        ),
+        ("{not json", "JSON"),
+    ],
+)
+def test_malformed_tables_name_the_problem(tmp_path: Path, document: str, needle: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(document)
+    with pytest.raises(ConfigError, match=r"bad\.json") as raised:
+        RateQualityTable.load(path)
+    assert needle in str(raised.value)
+
+
+def test_missing_table_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        RateQualityTable.load(tmp_path / "absent.json")

@@ -1,0 +1,155 @@
+"""Node config loading: the shipped configs load; every kind of mistake names the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nodes._errors import ConfigFileError
+from nodes.config import NodeConfig, bus_config, load_node_config
+from nodes.demo_processes import write_fleet_keys
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+FLEET = ("reader", "answerer", "relay", "base", "field-answerer")
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fleet_keys(tmp_path_factory.mktemp("fleet") / "keys", FLEET)
+
+
+def _install(config: Path, keys: Path, into: Path) -> Path:
+    """Copy a shipped config next to a generated key directory (absolute /etc paths rewritten)."""
+    text = config.read_text().replace("/etc/edgebus/keys/", f"{keys}/")
+    target = into / config.name
+    target.write_text(text)
+    if not (into / "keys").exists():
+        (into / "keys").symlink_to(keys)
+    return target
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
+def test_shipped_configs_load(name: str, keys: Path, tmp_path: Path) -> None:
+    cfg = load_node_config(
+        _install(CONFIGS / name, keys, tmp_path), env={"EDGEBUS_STATE": str(tmp_path / "s")}
+    )
+    assert isinstance(cfg, NodeConfig)
+    assert cfg.state_dir == tmp_path / "s"
+    bus = bus_config(cfg)
+    assert bus.keys is not None
+    assert not bus.insecure
+    assert bus.node_id == cfg.name
+    assert len(bus.connect) == len(cfg.bus.peers)
+
+
+def test_shipped_configs_cover_every_setup() -> None:
+    names = {p.stem for p in CONFIGS.glob("*.toml")}
+    assert {"local-demo-reader", "local-demo-answerer", "lan-reader", "lan-answerer"} <= names
+    assert {"field-base", "field-answerer", "relay-chain-relay", "relay-chain-answerer"} <= names
+
+
+def test_field_link_config_has_small_budgets(keys: Path, tmp_path: Path) -> None:
+    base = load_node_config(_install(CONFIGS / "field-base.toml", keys, tmp_path))
+    field = load_node_config(_install(CONFIGS / "field-answerer.toml", keys, tmp_path))
+    assert base.reader is not None
+    assert base.reader.bits <= 2
+    assert base.reader.keep < 1
+    assert field.bus.rate_limit_mbit is not None
+    assert bus_config(field).rate_limit_bps == pytest.approx(field.bus.rate_limit_mbit * 1e6 / 8)
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(body)
+    return path
+
+
+BASE = """
+[node]
+name = "a"
+model = "smollm2-135m-instruct"
+roles = ["answerer"]
+[bus]
+insecure = true
+"""
+
+
+def test_minimal_insecure_config_takes_defaults(tmp_path: Path) -> None:
+    cfg = load_node_config(_write(tmp_path, BASE), env={})
+    assert cfg.answerer is not None
+    assert cfg.answerer.topics == "kv/"
+    assert cfg.keys is None
+    assert bus_config(cfg).insecure
+    assert cfg.state_dir.name == "a"
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "problem"),
+    [
+        (BASE + "colour = 1\n", "bus.colour", "unknown key"),
+        (BASE.replace('name = "a"', 'name = "a"\nspeed = 3'), "node.speed", "unknown key"),
+        (BASE + '[answerer]\nstore_mib = "big"\n', "answerer.store_mib", "expected int"),
+        (BASE + "[answerer]\npersist = 1\n", "answerer.persist", "expected bool"),
+        (BASE + "[answerer]\nmax_new_tokens = true\n", "answerer.max_new_tokens", "expected int"),
+        (BASE + "[reader]\nbits = 4\n", "reader", "not in node.roles"),
+        (BASE.replace('roles = ["answerer"]', 'roles = ["oracle"]'), "node.roles", "non-empty list"),
+        (BASE.replace('roles = ["answerer"]', 'roles = ["reader"]'), "bus.bind", "needs a bind"),
+        (BASE.replace("insecure = true", "insecure = false"), "keys", "missing"),
+        (
+            BASE.replace('roles = ["answerer"]', 'roles = ["answerer"]\ndevice = "tpu"'),
+            "node.device",
+            "one of",
+        ),
+        (BASE + 'bind = "udp://x"\n', "bus.bind", "tcp://HOST:PORT"),
+        (BASE + "heartbeat_s = 5\npeer_timeout_s = 2\n", "bus.peer_timeout_s", "exceed"),
+        (BASE + '[[bus.peers]]\nendpoint = "tcp://127.0.0.1:1"\nkey = "x"\n', "bus.peers[0].key", "unknown"),
+        ("[node\n", "", "not valid TOML"),
+    ],
+)
+def test_mistakes_name_key_and_file(tmp_path: Path, body: str, key: str, problem: str) -> None:
+    path = _write(tmp_path, body)
+    with pytest.raises(ConfigFileError) as info:
+        load_node_config(path, env={})
+    assert info.value.key == key
+    assert info.value.file == path
+    assert problem in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_missing_key_file_names_key_and_file(keys: Path, tmp_path: Path) -> None:
+    body = BASE.replace("insecure = true", 'bind = "tcp://127.0.0.1:0"') + (
+        f'[keys]\nsecret = "{keys}/answerer.key_secret"\nallowed = "{keys}/allowed"\n'
+        f'hmac = "{tmp_path}/nope"\n'
+    )
+    with pytest.raises(ConfigFileError, match=r"keys\.hmac: .*nope: no such file") as info:
+        load_node_config(_write(tmp_path, body), env={})
+    assert info.value.key == "keys.hmac"
+
+
+def test_unreadable_key_file_names_key(keys: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.key_secret"
+    bad.write_text("not a certificate\n")
+    body = BASE.replace("insecure = true", 'bind = "tcp://127.0.0.1:0"') + (
+        f'[keys]\nsecret = "{bad}"\nallowed = "{keys}/allowed"\nhmac = "{keys}/hmac.key"\n'
+    )
+    with pytest.raises(ConfigFileError) as info:
+        load_node_config(_write(tmp_path, body), env={})
+    assert info.value.key == "keys.secret"
+
+
+def test_curve_peer_without_public_key_is_refused(keys: Path, tmp_path: Path) -> None:
+    body = BASE.replace("insecure = true", "") + (
+        f'[keys]\nsecret = "{keys}/answerer.key_secret"\nallowed = "{keys}/allowed"\n'
+        f'hmac = "{keys}/hmac.key"\n'
+        '[[bus.peers]]\nendpoint = "tcp://127.0.0.1:5550"\n'
+    )
+    with pytest.raises(ConfigFileError) as info:
+        load_node_config(_write(tmp_path, body), env={})
+    assert info.value.key == "bus.peers[0].public_key"
+
+
+def test_config_objects_are_frozen(tmp_path: Path) -> None:
+    cfg = load_node_config(_write(tmp_path, BASE), env={})
+    with pytest.raises(AttributeError):
+        cfg.name = "b"  # type: ignore[misc]
