@@ -53,6 +53,7 @@ from ._errors import (
     PeerGone,
     RemoteError,
     RequestTimeout,
+    StoreError,
     TransferError,
 )
 from ._frame import Codec, Header, Kind
@@ -146,23 +147,53 @@ class _Inbound:
 
 
 class _Transfer:
-    """Receiver-side state of one running fetch; the data DEALER loop feeds ``events``."""
+    """Receiver-side state of one running fetch.
 
-    def __init__(self, puller: ChunkPuller, partial: PartialCard) -> None:
+    The data DEALER loop starts a verify-and-spool job in the worker pool for each wanted chunk as it
+    arrives (:meth:`start_job`); job results, sender refusals and bus closure arrive on ``events``, which the
+    fetching task drains. Chunk buffers are referenced only until their job finishes, so the receiver holds at
+    most ``credit_bytes`` of chunks (plus chunks queued by ZeroMQ) at a time.
+    """
+
+    def __init__(self, puller: ChunkPuller, partial: PartialCard, pool: ThreadPoolExecutor) -> None:
         self.puller = puller
         self.partial = partial
         self.events: asyncio.Queue[tuple[str, int, Any, bytes]] = asyncio.Queue()
         self.in_flight: set[int] = set()
+        self.jobs: set[asyncio.Future[bool]] = set()
+        self._pool = pool
 
+    def start_job(self, index: int, chunk: memoryview, digest: bytes) -> None:
+        """Hash and spool ``chunk`` in a worker thread; its outcome arrives as a ``written`` event."""
+        self.in_flight.add(index)
+        job = asyncio.get_running_loop().run_in_executor(
+            self._pool, self.partial.write_verified, index, chunk, digest
+        )
+        self.jobs.add(job)
+        job.add_done_callback(self.jobs.discard)
+        job.add_done_callback(lambda j: self._report(j, index, digest))
 
-def _report_written(transfer: _Transfer, index: int, digest: bytes) -> Callable[[asyncio.Future[bool]], None]:
-    """Done-callback for a spool write job: tell the transfer whether the chunk verified."""
+    def close(self) -> None:
+        """Close the spool files once no job can write through their descriptors any more.
 
-    def done(job: asyncio.Future[bool]) -> None:
-        ok = not job.cancelled() and job.exception() is None and job.result()
-        transfer.events.put_nowait(("written", index, ok, digest))
+        Normally every job has finished; after an interrupted wait (a second cancellation) the close waits
+        for the stragglers, because a descriptor closed under a running ``pwrite`` could be reused by an
+        unrelated file.
+        """
+        pending = [job for job in self.jobs if not job.done()]
+        if not pending:
+            self.partial.close()
+            return
+        waiter = asyncio.gather(*pending, return_exceptions=True)
+        waiter.add_done_callback(lambda _: self.partial.close())
 
-    return done
+    def _report(self, job: asyncio.Future[bool], index: int, digest: bytes) -> None:
+        if job.cancelled():
+            self.events.put_nowait(("written", index, False, digest))
+        elif (exc := job.exception()) is not None:
+            self.events.put_nowait(("spool-error", index, exc, digest))
+        else:
+            self.events.put_nowait(("written", index, job.result(), digest))
 
 
 def _last_endpoint(sock: zmq.asyncio.Socket) -> str:
@@ -687,8 +718,9 @@ class Bus:
                 ):
                     self._counters.values["chunks_duplicate"] += 1
                     return
-                transfer.in_flight.add(index)
-                transfer.events.put_nowait(("chunk", index, payload[0], header.digest))
+                self._counters.values["chunks_received"] += 1
+                # Straight to a worker from here: the fetching task need not wake up for every chunk.
+                transfer.start_job(index, payload[0], header.digest)
             elif header.kind is Kind.CHUNK_ERROR:
                 why = header.fields.get("why")
                 if transfer is not None:
@@ -1137,7 +1169,12 @@ class Bus:
         Resumes from chunks already verified in the spool (after a disconnect, a cancellation or a process
         restart). Raises :class:`AlreadyDelivered`, :class:`PeerGone` (never connected to the sender),
         :class:`DigestMismatch`, :class:`TransferError` (stalled, or the sender no longer holds it),
-        :class:`ClosedError`.
+        :class:`StoreError` (the spool cannot be written), :class:`ClosedError`.
+
+        Memory: while pulling, the receiver references at most ``credit_bytes`` of chunks (plus what
+        ZeroMQ queues, at most ``send_buffer_bytes // chunk_bytes`` chunks); verified chunks live in the
+        spool's page cache, not in this process. The returned ``bytes`` is read back from the spool in one
+        piece, so one fetch peaks at about the card size, which ``max_card_bytes`` caps.
         """
         self._check_open()
         lock, users = self._fetch_locks.get(ann.card_id, (asyncio.Lock(), 0))
@@ -1165,18 +1202,26 @@ class Bus:
             raise PeerGone(f"not connected to {ann.sender!r}")
         loop = asyncio.get_running_loop()
         partial = self._spool.partial(manifest)
-        verified = await loop.run_in_executor(self._pool, partial.load_verified)
-        puller = ChunkPuller(manifest, verified, self.config.credit_bytes)
-        transfer = _Transfer(puller, partial)
-        if link.transfers.setdefault(manifest.card_id, transfer) is not transfer:
-            raise TransferError("a transfer of this card is already running")
-        jobs: set[asyncio.Future[bool]] = set()
+        opening = loop.run_in_executor(self._pool, partial.open)
         try:
-            await self._pull(link, transfer, verified, jobs)
+            verified = await asyncio.shield(opening)
+        except BaseException:
+            # A cancelled wait does not stop the thread: close whatever it opens once it is done.
+            opening.add_done_callback(lambda job: partial.close())
+            raise
+        puller = ChunkPuller(manifest, verified, self.config.credit_bytes)
+        transfer = _Transfer(puller, partial, self._pool)
+        try:
+            if link.transfers.setdefault(manifest.card_id, transfer) is not transfer:
+                raise TransferError("a transfer of this card is already running")
+            try:
+                await self._pull(link, transfer, verified)
+            finally:
+                link.transfers.pop(manifest.card_id, None)  # no new jobs from here on
+                if transfer.jobs:
+                    await asyncio.wait(transfer.jobs)
         finally:
-            link.transfers.pop(manifest.card_id, None)
-            if jobs:
-                await asyncio.wait(jobs)
+            transfer.close()
         if list_digest(verified[i] for i in range(manifest.n_chunks)) != manifest.digest:
             await loop.run_in_executor(self._pool, partial.remove)
             raise DigestMismatch(
@@ -1194,16 +1239,8 @@ class Bus:
                 await self._send(link.data, frames)
         return data
 
-    async def _pull(
-        self,
-        link: _Outbound,
-        transfer: _Transfer,
-        verified: dict[int, bytes],
-        jobs: set[asyncio.Future[bool]],
-    ) -> None:
-        assert self._pool is not None
+    async def _pull(self, link: _Outbound, transfer: _Transfer, verified: dict[int, bytes]) -> None:
         cfg = self.config
-        loop = asyncio.get_running_loop()
         puller, manifest = transfer.puller, transfer.puller.manifest
         bucket = self._bucket(link) if cfg.rate_limit_bps else None
         last_progress = sample_start = time.monotonic()
@@ -1221,28 +1258,31 @@ class Bus:
                     await self._send(
                         link.data, self._seal("data-dealer", Kind.FETCH, TOPIC_DATA, [], fields=fields)
                     )
-            timeout = self._chunk_timeout(link)
-            try:
-                async with asyncio.timeout(timeout):
-                    event, index, buf, digest = await transfer.events.get()
-            except TimeoutError:
-                puller.expire(time.monotonic(), timeout)
-                if time.monotonic() - last_progress > cfg.stall_timeout_s:
-                    raise TransferError(
-                        f"card {manifest.card_id}: no progress for {cfg.stall_timeout_s} s"
-                    ) from None
-                continue
-            if event == "closed":
-                raise ClosedError("bus closed during the transfer")
-            if event == "error":
-                raise TransferError(f"card {manifest.card_id}: sender refused chunk {index}: {buf}")
-            if event == "chunk":
-                self._counters.values["chunks_received"] += 1
-                job = loop.run_in_executor(self._pool, transfer.partial.write_verified, index, buf, digest)
-                jobs.add(job)
-                job.add_done_callback(jobs.discard)
-                job.add_done_callback(_report_written(transfer, index, digest))
-            elif event == "written":
+            if transfer.events.empty():
+                timeout = self._chunk_timeout(link)
+                try:
+                    async with asyncio.timeout(timeout):
+                        first = await transfer.events.get()
+                except TimeoutError:
+                    puller.expire(time.monotonic(), timeout)
+                    if time.monotonic() - last_progress > cfg.stall_timeout_s:
+                        raise TransferError(
+                            f"card {manifest.card_id}: no progress for {cfg.stall_timeout_s} s"
+                        ) from None
+                    continue
+            else:
+                first = transfer.events.get_nowait()
+            # Take every event already queued before asking for more: one wake-up, one batch of requests.
+            batch = [first]
+            while not transfer.events.empty():
+                batch.append(transfer.events.get_nowait())
+            for event, index, buf, digest in batch:
+                if event == "closed":
+                    raise ClosedError("bus closed during the transfer")
+                if event == "error":
+                    raise TransferError(f"card {manifest.card_id}: sender refused chunk {index}: {buf}")
+                if event == "spool-error":
+                    raise StoreError(f"card {manifest.card_id}: spooling chunk {index} failed: {buf}")
                 transfer.in_flight.discard(index)
                 if buf:
                     verified[index] = digest

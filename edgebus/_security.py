@@ -40,6 +40,7 @@ class ReplayWindow:
         self._size = size
         self._max_skew_s = max_skew_s
         self._max_streams = max_streams
+        self._mask = (1 << size) - 1
         # (sender, channel) -> (highest seq, bitmap: bit i set = highest - i seen)
         self._streams: OrderedDict[tuple[str, int], tuple[int, int]] = OrderedDict()
 
@@ -55,10 +56,9 @@ class ReplayWindow:
             self._streams[key] = (seq, 1)
             return
         highest, bitmap = state
-        mask = (1 << self._size) - 1
         if seq > highest:
             shift = seq - highest
-            bitmap = ((bitmap << shift) | 1) & mask if shift < self._size else 1
+            bitmap = ((bitmap << shift) | 1) & self._mask if shift < self._size else 1
             self._streams[key] = (seq, bitmap)
         else:
             offset = highest - seq

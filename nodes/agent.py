@@ -43,10 +43,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import IO, Any, Final, TypeVar
 
-from edgebus import AlreadyDelivered, Announcement, Bus, BusError, PeerGone, TransferError
-from edgebus._cardstore import CardStore, CardStoreConfig
-from edgebus._memory import MemoryProbe, PsutilMemoryProbe
-from edgebus._sdnotify import Notifier, WatchdogPinger
+from edgebus import (
+    AlreadyDelivered,
+    Announcement,
+    Bus,
+    BusError,
+    CardStore,
+    CardStoreConfig,
+    MemoryProbe,
+    Notifier,
+    PeerGone,
+    PsutilMemoryProbe,
+    TransferError,
+    WatchdogPinger,
+)
 
 from ._errors import AskError
 from .config import AnswererConfig, NodeConfig, bus_config
@@ -287,7 +297,7 @@ class Agent:
 
     async def _on_card(self, ann: Announcement, data: bytes, transfer_s: float) -> None:
         """A pulled KV card: check it, store it, and relay it when this node is a relay for its topic."""
-        from qkv._errors import CardError
+        from qkv import CardError
 
         from .roles_answerer import summarise_card
 
@@ -322,7 +332,7 @@ class Agent:
             await self._relay(ann, data)
 
     async def _relay(self, ann: Announcement, data: bytes) -> None:
-        from qkv._errors import CardError
+        from qkv import CardError
 
         from .roles_relay import relay_card
 
@@ -376,7 +386,7 @@ class Agent:
         await self._read(text, None)
 
     async def _read(self, text: str, topic: str | None) -> dict[str, Any]:
-        from qkv._budget import Budget
+        from qkv import Budget
 
         from .roles_reader import read_document
 
@@ -607,7 +617,7 @@ def _measure_prefill(lm: Any) -> float:
 
 
 async def _serve(config: NodeConfig, events: EventLog, notifier: Notifier) -> None:
-    from qkv._modelstore import load_model
+    from qkv import load_model
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

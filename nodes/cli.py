@@ -43,10 +43,14 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _keys_new(args: argparse.Namespace) -> int:
-    from edgebus import new_keypair
+    from edgebus import new_hmac_key, new_keypair
 
-    public, secret = new_keypair(args.name, Path(args.dir))
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = new_keypair(args.name, directory)
     print(f"public key: {public}\nsecret key: {secret}")
+    if args.hmac:
+        print(f"hmac key:   {new_hmac_key(directory / 'hmac.key')}")
     return 0
 
 
@@ -61,6 +65,27 @@ def _demo(args: argparse.Namespace) -> int:
         plot=args.plot,
         processes=not args.in_process,
     )
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    if args.sender or args.receiver:
+        from nodes.bench.crossmodel import run_pair_calibrate
+
+        if not (args.sender and args.receiver):
+            raise SystemExit("edgebus calibrate: --sender and --receiver go together")
+        run_pair_calibrate(args.sender, args.receiver, Path(args.data), rows=args.rows, out=args.out)
+        return 0
+    from nodes.bench.calibrate_cli import run_calibrate
+
+    run_calibrate(
+        args.model,
+        Path(args.data),
+        rows=args.rows or 16,
+        offset=args.offset,
+        out=args.out,
+        group_size=args.group_size,
+    )
+    return 0
 
 
 def _bench_codec(args: argparse.Namespace) -> int:
@@ -243,13 +268,8 @@ def _is_user_error(exc: BaseException) -> bool:
     Looked up in ``sys.modules`` rather than imported: if qkv was never imported, its errors cannot have been
     raised, and importing it would cost a torch import on every command.
     """
-    for module, name in (
-        ("qkv", "QkvError"),
-        ("qkv._errors", "QkvError"),
-        ("edgebus", "BusError"),
-        ("nodes", "NodeError"),
-        ("nodes._errors", "NodeError"),
-    ):
+    trees = (("qkv._errors", "QkvError"), ("edgebus._errors", "BusError"), ("nodes", "NodeError"))
+    for module, name in trees:
         base = getattr(sys.modules.get(module), name, None)
         if isinstance(base, type) and isinstance(exc, base):
             return True
@@ -278,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     new = keys.add_parser("new", help="make a key pair NAME.key / NAME.key_secret")
     new.add_argument("name")
     new.add_argument("--dir", default=".", help="directory for the key files")
+    new.add_argument("--hmac", action="store_true", help="also make the fleet's shared hmac.key there")
     new.set_defaults(handler=_keys_new)
 
     demo = sub.add_parser("demo", help="hand real contexts from a reader to an answerer and compare")
@@ -312,6 +333,20 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="live nodes, links, memory and budgets as nodes see them")
     _add_client_options(status)
     status.set_defaults(handler=_status)
+
+    calib = sub.add_parser(
+        "calibrate",
+        help="profile a model's per-layer quantization sensitivity, or fit a cross-model KV translation",
+    )
+    calib.add_argument("--model", default="smollm2-135m-instruct", help="model to profile")
+    calib.add_argument("--sender", default=None, help="cross-model: the model whose cards are translated")
+    calib.add_argument("--receiver", default=None, help="cross-model: the model that reads them")
+    calib.add_argument("--data", required=True, help="QA JSONL; rows disjoint from benchmark rows are used")
+    calib.add_argument("--rows", type=int, default=None, help="calibration items")
+    calib.add_argument("--offset", type=int, default=600, help="first row (benchmarks use 0..199)")
+    calib.add_argument("--group-size", type=int, default=32)
+    calib.add_argument("--out", type=Path, default=None, help="output file (default: the store's profiles/)")
+    calib.set_defaults(handler=_calibrate)
 
     bench = sub.add_parser("bench", help="benchmarks that print tables").add_subparsers(
         dest="action", required=True

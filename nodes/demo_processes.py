@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -162,6 +164,26 @@ def write_fleet_keys(directory: Path, names: Sequence[str]) -> Path:
         (allowed / public.name).write_bytes(public.read_bytes())
     new_hmac_key(directory / "hmac.key")
     return directory
+
+
+def free_port_base(host: str = "127.0.0.1") -> int:
+    """A port P with P, P+1, P+2 free now (a node binds all three), so nodes can start concurrently."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000)
+        socks = []
+        try:
+            for offset in range(3):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no three consecutive free ports found")
 
 
 def _toml_value(value: Any) -> str:

@@ -83,6 +83,7 @@ class NetnsLab:
     tag: str = field(default_factory=lambda: f"eb{os.getpid() % 100000}")
     hosts: list[Host] = field(default_factory=list)
     links: list[Link] = field(default_factory=list)
+    routes: list[tuple[Host, str, str]] = field(default_factory=list)
     _veth_ids: itertools.count[int] = field(default_factory=itertools.count)
 
     def __enter__(self) -> NetnsLab:
@@ -176,17 +177,26 @@ class NetnsLab:
         if not network.subnet_of(ALLOWED_NETWORK):  # type: ignore[arg-type]
             raise NetnsError(f"{destination} is outside {ALLOWED_NETWORK}")
         check_address(via)
-        self._ip("route", "add", str(network), "via", via, netns=host.netns)
+        self._ip("route", "replace", str(network), "via", via, netns=host.netns)
+        self.routes.append((host, str(network), via))
 
     def forward(self, host: Host) -> None:
         """Let ``host`` forward IPv4 between its links (a router in the middle of a chain)."""
         self._check(["ip", "netns", "exec", host.netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
 
     def set_link(self, link: Link, *, up: bool) -> None:
-        """Take both ends of ``link`` down (an outage) or bring them back up."""
+        """Take both ends of ``link`` down (an outage) or bring them back up.
+
+        The kernel drops routes through an interface that goes down; bringing the link up restores the
+        lab's static routes of both hosts, as a router's routing daemon would.
+        """
         state = "up" if up else "down"
         self._ip("link", "set", link.a_if, state, netns=link.a.netns)
         self._ip("link", "set", link.b_if, state, netns=link.b.netns)
+        if up:
+            for host, network, via in self.routes:
+                if host in (link.a, link.b):
+                    self._ip("route", "replace", network, "via", via, netns=host.netns)
 
     # ------------------------------------------------------------------ running
 

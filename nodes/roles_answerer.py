@@ -11,10 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from qkv._card import CardInfo, read_card_info
-from qkv._hf import prefill
-from qkv._modelstore import LoadedModel
-from qkv._pipeline import answer_from_card, answer_from_text
+from qkv import CardInfo, LoadedModel, answer_from_card, answer_from_text, prefill, read_card_info
 
 #: Tokens prefilled to measure prefill speed at start (after a short warm-up forward).
 PREFILL_PROBE_TOKENS = 256

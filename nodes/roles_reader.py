@@ -8,9 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qkv._budget import Budget
-from qkv._modelstore import LoadedModel
-from qkv._pipeline import EncodedContext, encode_context
+from qkv import Budget, EncodedContext, LoadedModel, encode_context
 
 #: Largest document a reader accepts over the control channel or from a topic, in bytes of UTF-8.
 MAX_DOCUMENT_BYTES = 512 * 1024

@@ -6,24 +6,28 @@ top of the decoded KV at their true positions (``next_position + arange``), so t
 "the context, then the note", exactly as if the note had followed the context in one prefill. The new card
 is encoded at one uniform width and carries the original sender's metadata plus ``relayed_by`` and ``note``.
 
-:func:`append_tokens` uses transformers' public cache API (``DynamicCache`` layers, explicit
-``position_ids``); it refuses models whose cache drops tokens (sliding-window layers), since the appended
-snapshot would then be missing some.
+Appending is :func:`qkv.extend_snapshot`; it refuses cards with unsent layers, since the note's KV in the
+sent layers would then depend on layers that never saw the context.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from qkv._card import CardMeta, EncodingPlan, decode_card, encode_card, read_card_info
-from qkv._errors import CardCompatError
-from qkv._hf import build_cache, generate_from_snapshot
-from qkv._kv import KVSnapshot
-from qkv._modelstore import LoadedModel
+from qkv import (
+    CardCompatError,
+    CardMeta,
+    EncodingPlan,
+    LoadedModel,
+    decode_card,
+    encode_card,
+    extend_snapshot,
+    generate_from_snapshot,
+    read_card_info,
+)
 
 from .roles_answerer import modal_width
 
@@ -40,41 +44,6 @@ class RelayedCard:
     appended_tokens: int
     hops: int
     bits: int
-
-
-def append_tokens(lm: LoadedModel, snapshot: KVSnapshot, token_ids: Sequence[int]) -> KVSnapshot:
-    """``snapshot`` extended by the KV of ``token_ids``, prefilled on top of it at their true positions."""
-    if not token_ids:
-        return snapshot
-    cache = build_cache(lm, snapshot)
-    positions = snapshot.next_position + torch.arange(len(token_ids), dtype=torch.int64)
-    ids = torch.tensor([list(token_ids)], dtype=torch.int64, device=lm.device)
-    with torch.no_grad():
-        lm.model(
-            input_ids=ids,
-            position_ids=positions.to(lm.device).unsqueeze(0),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-    expected = snapshot.num_tokens + len(token_ids)
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-    for index, layer in enumerate(cache.layers):
-        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.shape[-2] != expected:
-            raise CardCompatError(
-                f"layer {index} of this model's cache does not keep every token; cannot append to a card"
-            )
-        keys.append(k[0])
-        values.append(v[0])
-    return KVSnapshot(
-        keys=tuple(keys),
-        values=tuple(values),
-        positions=torch.cat([snapshot.positions, positions]),
-        fingerprint=snapshot.fingerprint,
-        template_prefix_tokens=snapshot.template_prefix_tokens,
-    )
 
 
 def relay_card(
@@ -102,7 +71,7 @@ def relay_card(
     answer = generate_from_snapshot(lm, card.snapshot, suffix, max_new_tokens=max_new_tokens).text
     note = f"\nNote from {sender}: {answer.strip() or '(no answer)'}\n"
     note_ids = lm.tokenizer.encode(note, add_special_tokens=False)
-    extended = append_tokens(lm, card.snapshot, note_ids)
+    extended = extend_snapshot(lm, card.snapshot, note_ids)
     width = bits if bits is not None else modal_width(info)
     plan = EncodingPlan.uniform(extended.num_layers, width, group_size=info.group_size)
     meta = CardMeta(

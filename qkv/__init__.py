@@ -8,6 +8,13 @@ exported for benchmarks and tools. Imports torch and transformers; never zmq or 
 
 from ._allocate import Allocation, SensitivityProfile, allocate_bits, width_cost
 from ._budget import Budget
+from ._calibrate import (
+    card_roundtrip,
+    default_profile,
+    predicted_distortion,
+    profile_sensitivity,
+    profiles_dir,
+)
 from ._card import CardInfo, CardMeta, DecodedCard, EncodingPlan, decode_card, encode_card, read_card_info
 from ._errors import (
     CalibrationError,
@@ -25,9 +32,11 @@ from ._errors import (
 from ._evict import evict, orthogonal_backfill, select_tokens
 from ._facts import Fact, Facts, extract_facts
 from ._hf import (
+    RECEIVER_ONLY_ATTENTION,
     Generation,
     answer_logprobs,
     build_cache,
+    extend_snapshot,
     fingerprint_of,
     generate_from_snapshot,
     generate_from_text,
@@ -70,6 +79,7 @@ from ._prompt import PromptParts, PromptTemplate
 __all__ = [
     "CATALOGUE",
     "DEFAULT_MODEL",
+    "RECEIVER_ONLY_ATTENTION",
     "Allocation",
     "Budget",
     "CalibrationError",
@@ -107,12 +117,15 @@ __all__ = [
     "answer_logprobs",
     "attention_mass_by_class",
     "build_cache",
+    "card_roundtrip",
     "class_bits_for_budget",
     "decode_card",
+    "default_profile",
     "encode_card",
     "encode_context",
     "encode_observation",
     "evict",
+    "extend_snapshot",
     "extract_facts",
     "fingerprint_of",
     "generate_from_snapshot",
@@ -125,8 +138,11 @@ __all__ = [
     "needs_attention",
     "observe",
     "orthogonal_backfill",
+    "predicted_distortion",
     "prefill",
     "prefill_observed",
+    "profile_sensitivity",
+    "profiles_dir",
     "pull_model",
     "read_card_info",
     "select_layers",

@@ -596,8 +596,8 @@ def encode_card(snapshot: KVSnapshot, plan: EncodingPlan, *, meta: CardMeta | No
     meta = CardMeta() if meta is None else meta
     tokens, _heads, _dim, device = _check_snapshot(snapshot, plan)
     runs = _position_runs(snapshot.positions)
-    if runs and (runs[0][0] < 0 or max(start + length for start, length in runs) > _MAX_POSITION):
-        raise ValueError(f"positions must lie in 0..2**62, got {runs[0][0]}..")
+    if min(start for start, _ in runs) < 0 or max(start + length for start, length in runs) > _MAX_POSITION:
+        raise ValueError("positions must lie in 0..2**62")
     classes_cpu = None if plan.token_classes is None else plan.token_classes.detach().to("cpu")
     selections = _selections(classes_cpu, plan.num_classes, tokens, device)
 

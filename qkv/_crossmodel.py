@@ -14,10 +14,16 @@ What is fitted (per receiver layer ``r``):
   after the map, at B's positions. For Gemma 3 the k-norm runs before RoPE, so its pre-RoPE keys are the
   normalised keys: the map predicts into that space, which is what B's attention reads. Gemma's query
   pre-attention scalar, q-norm and sliding window act on B's own queries and masks and need no translation.
-* Ridge regression with a bias, closed form in float64 on CPU: centred moments, ``(C + lam I) W = D`` with
-  ``lam = ridge * trace(C) / features`` (``ridge`` is relative to the mean feature variance, so one value
-  suits both directions). Every ``holdout_every``-th text is held out; held-out R^2 (variance-weighted over
-  the output dims) is reported per receiver layer for K and V.
+* Ridge regression with a bias, closed form in float64 on CPU from streamed moments (summed in float64):
+  ``(C + lam I) W = D`` with centred moments and ``lam = ridge * trace(C) / features`` (``ridge`` is
+  relative to the mean feature variance, so one value suits both directions). Every ``holdout_every``-th
+  text is held out; held-out R^2 (variance-weighted over the output dims) is reported per receiver layer
+  for K and V.
+* ``variance_match`` (off by default, a flag of the calibration that :func:`dataclasses.replace` can flip):
+  ridge predictions are shrunk towards the mean, which lowers the translated keys' attention logits next
+  to the receiver's native tokens; with the flag, predictions are scaled around the training mean by
+  ``sqrt(target variance / prediction variance)`` per layer, for K and V apart (Q-KVComm's mean/std
+  matching, on top of the learned map).
 * Layer map: ``"depth"`` takes the ``span`` sender layers nearest to the receiver layer's relative depth;
   ``"similarity"`` takes the ``span`` sender layers with the highest linear CKA with the receiver layer,
   measured on the first training texts.
@@ -35,9 +41,10 @@ with the question (:func:`receiver_suffix_ids`). The sender's template tail is i
 last ``tail_tokens`` positions before ``snapshot.next_position``.
 
 Artifact (``save``/``load``): a safetensors file (tensors ``layer.<r>.weight`` ``[features, 2*kv_heads*
-head_dim]``, ``layer.<r>.bias``, ``sender.rope.<l>``, ``receiver.rope.<r>``; float32) whose metadata key
-``edgebus-crossmodel`` holds the JSON header: format, version, id, both models (name, fingerprint, digest,
-template, head/tail tokens, RoPE scaling), layer map, ridge, alignment rule and fit quality. ``id`` is the
+head_dim]``, ``layer.<r>.bias``, ``layer.<r>.mean``, ``sender.rope.<l>``, ``receiver.rope.<r>``; float32)
+whose metadata key ``edgebus-crossmodel`` holds the JSON header: format, version, id, both models (name,
+fingerprint, digest, template, head/tail tokens, RoPE scaling), layer map, ridge, variance gains and flag,
+alignment rule and fit quality. ``id`` is the
 first 16 hex digits of the sha256 over the canonical header (without ``id``) and every tensor's name, dtype,
 shape and bytes; ``load`` recomputes it, so it catches corruption and edits, not forgery (no signature).
 Never pickle. Errors: :class:`CalibrationError` for a missing, malformed, corrupt or mismatched artifact;
@@ -507,7 +514,11 @@ class _Moments:
         self.texts = 0
 
     def add(self, sender: Sequence[torch.Tensor], receiver: Sequence[torch.Tensor]) -> None:
-        """``sender[l]``/``receiver[r]``: float64 ``[tokens, features]`` of one text."""
+        """``sender[l]``/``receiver[r]``: float32 ``[tokens, features]`` of one text.
+
+        One text's products are formed in float32 (a few hundred terms each) and summed across texts in
+        float64: float64 BLAS is half the speed, and calibration is CPU-bound.
+        """
         features: dict[tuple[int, ...], torch.Tensor] = {}
         for key in dict.fromkeys(self.layer_map):
             x = torch.cat([sender[i] for i in key], dim=1)
@@ -524,6 +535,7 @@ class _Moments:
 
 
 def _plus(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    value = value.to(torch.float64)
     return value if total is None else total + value
 
 
@@ -616,8 +628,8 @@ def _prefill_context(lm: LoadedModel, text: str) -> _Prefilled:
 
 @dataclass(frozen=True)
 class _Pair:
-    sender: list[torch.Tensor]  # per sender layer, float64 [tokens, 2 * kv_width_A]
-    receiver: list[torch.Tensor]  # per receiver layer, float64 [tokens, 2 * kv_width_B]
+    sender: list[torch.Tensor]  # per sender layer, float32 [tokens, 2 * kv_width_A]
+    receiver: list[torch.Tensor]  # per receiver layer, float32 [tokens, 2 * kv_width_B]
     head: tuple[int, int]  # template head tokens (sender, receiver)
     tail: tuple[int, int]
 
@@ -632,8 +644,8 @@ def _pair(sender_lm: LoadedModel, receiver_lm: LoadedModel, text: str, rope: tup
     sender = _layer_features(a.snapshot, rope[0], range(a.snapshot.num_layers), keep_a)
     receiver = _layer_features(b.snapshot, rope[1], range(b.snapshot.num_layers), matches)
     return _Pair(
-        sender=[sender[i].to(torch.float64) for i in range(a.snapshot.num_layers)],
-        receiver=[receiver[i].to(torch.float64) for i in range(b.snapshot.num_layers)],
+        sender=[sender[i] for i in range(a.snapshot.num_layers)],
+        receiver=[receiver[i] for i in range(b.snapshot.num_layers)],
         head=(a.context[0], b.context[0]),
         tail=(a.tail_tokens, b.tail_tokens),
     )

@@ -33,7 +33,7 @@ def layer_scores(
     mu: float = 0.5,
     sigma: float = 0.3,
 ) -> torch.Tensor:
-    """Score per layer from ``per_head`` attention mass ``[layers, kv_heads, tokens]`` (see module docstring)."""
+    """Score per layer from attention mass ``[layers, kv_heads, tokens]`` (see the module docstring)."""
     if per_head.dim() != 3:
         raise ValueError("per_head must be [layers, kv_heads, tokens]")
     if not 0.0 <= weight <= 1.0:

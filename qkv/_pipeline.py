@@ -22,6 +22,7 @@ import torch
 
 from ._allocate import SensitivityProfile
 from ._budget import Budget
+from ._calibrate import default_profile
 from ._card import CardMeta, DecodedCard, EncodingPlan, decode_card, encode_card, read_card_info
 from ._errors import CalibrationError
 from ._evict import evict
@@ -78,13 +79,18 @@ class CardAnswer:
 
 
 def _layer_widths(
-    budget: Budget, num_layers: int, sent: Sequence[int], profile: SensitivityProfile | None
+    lm: LoadedModel, budget: Budget, num_layers: int, sent: Sequence[int], profile: SensitivityProfile | None
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Per-layer key and value widths; layers not sent get the (unused) width 0."""
+    """Per-layer key and value widths; layers not sent get width 0.
+
+    An adaptive budget without an explicit profile uses the one calibrated for this model, if any.
+    """
     if not budget.adaptive:
         width = int(budget.bits)
         keys = tuple(width if i in sent else 0 for i in range(num_layers))
         return keys, keys
+    if profile is None:
+        profile = default_profile(lm, budget.group_size)
     if profile is None:
         raise CalibrationError(
             "an adaptive budget needs a sensitivity profile: run `edgebus calibrate --model NAME --data FILE`"
@@ -120,7 +126,7 @@ def _class_widths(
 
 def _token_mixed_widths(budget: Budget, num_layers: int, sent: Sequence[int]) -> tuple[int, ...]:
     """Base width per layer for token-mixed (non-adaptive) budgets: the code-width average, floored."""
-    width = int(math.floor(budget.bits))
+    width = math.floor(budget.bits)
     return tuple(width if i in sent else 0 for i in range(num_layers))
 
 
@@ -191,7 +197,8 @@ def encode_observation(
     num_layers = snapshot.num_layers
     per_head: torch.Tensor | None = None
     if obs.attn is not None and needs_attention(budget):
-        per_head = head_importance(obs.attn, num_kv_heads=lm.fingerprint.num_kv_heads)  # [layers, kv_heads, T]
+        # [layers, kv_heads, tokens]
+        per_head = head_importance(obs.attn, num_kv_heads=lm.fingerprint.num_kv_heads)
 
     if budget.keep < 1.0 and per_head is not None:
         snapshot = evict(
@@ -219,7 +226,7 @@ def encode_observation(
     if budget.token_mixed and not budget.adaptive:
         key_bits = value_bits = _token_mixed_widths(budget, num_layers, sent)
     else:
-        key_bits, value_bits = _layer_widths(budget, num_layers, sent, profile)
+        key_bits, value_bits = _layer_widths(lm, budget, num_layers, sent, profile)
 
     classes: torch.Tensor | None = None
     class_key_bits = class_value_bits = None
@@ -270,7 +277,7 @@ def answer_from_card(
     max_new_tokens: int = 24,
     use_facts: bool = True,
 ) -> CardAnswer:
-    """Verify and decode ``data`` for ``lm`` (CardError if it is not for this model) and answer ``question``."""
+    """Verify and decode ``data`` for ``lm`` (CardError if not for this model), then answer ``question``."""
     start = time.perf_counter()
     card = decode_card(data, expect=lm.fingerprint, device=lm.device, dtype=_model_dtype(lm))
     decode_s = time.perf_counter() - start

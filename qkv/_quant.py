@@ -166,9 +166,13 @@ def quantize(tensors: Sequence[torch.Tensor], *, bits: int, group_size: int, axi
             if work is None:
                 work = torch.empty(view.shape, dtype=torch.float32, device=device)
                 scratch[tuple(view.shape)] = work
-            # mul + add beat one addcmul here: addcmul is slow when the broadcast dim is the innermost.
-            torch.mul(view, inverse[index].narrow(axis, first, groups), out=work)
-            work.add_(offset[index].narrow(axis, first, groups))
+            group_inverse = inverse[index].narrow(axis, first, groups)
+            group_offset = offset[index].narrow(axis, first, groups)
+            if axis == VALUE_AXIS:  # addcmul is slow when the broadcast dim is the innermost: mul + add
+                torch.mul(view, group_inverse, out=work)
+                work.add_(group_offset)
+            else:
+                torch.addcmul(group_offset, view, group_inverse, out=work)
             work.add_(_ROUNDING_BIAS)  # rounds to the nearest integer
             work.clamp_(_ROUNDING_BIAS, top)
             code_view.copy_(work.view(torch.int32))  # int32 -> uint8 keeps the low byte: the code
@@ -209,10 +213,16 @@ def dequantize_into(
     for (first, groups, out_view), (_, _, code_view) in zip(
         _group_views(out, dim, group_size), _group_views(codes, dim, group_size), strict=True
     ):
-        # uint8 -> float copy, then in-place mul and add: 2-3x faster than a mixed-dtype addcmul.
+        # A uint8 -> float copy first: mixed-dtype arithmetic is 2-3x slower. Then one in-place addcmul, or
+        # mul + add where the broadcast dim is the innermost (values), where addcmul is slow.
         work = out_view if out.dtype == torch.float32 else torch.empty(out_view.shape, device=out.device)
         work.copy_(code_view)
-        work.mul_(scale32.narrow(dim, first, groups))
-        work.add_(zero32.narrow(dim, first, groups))
+        group_scale = scale32.narrow(dim, first, groups)
+        group_zero = zero32.narrow(dim, first, groups)
+        if axis == VALUE_AXIS:
+            work.mul_(group_scale)
+            work.add_(group_zero)
+        else:
+            torch.addcmul(group_zero, work, group_scale, out=work)
         if work is not out_view:
             out_view.copy_(work)

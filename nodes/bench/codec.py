@@ -24,8 +24,7 @@ from typing import Any
 import torch
 
 from nodes.bench.table import format_table, write_json
-from qkv._card import CardMeta, EncodingPlan, decode_card, encode_card
-from qkv._kv import KVSnapshot, ModelFingerprint
+from qkv import CardMeta, EncodingPlan, KVSnapshot, ModelFingerprint, decode_card, encode_card
 
 COLUMNS = (
     "tokens",

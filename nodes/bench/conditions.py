@@ -4,8 +4,8 @@ Grammar: a base, then ``+`` modifiers::
 
     no-context | text | facts-only                      receiver gets no KV
     kv-raw | kv-fp16 | kv-B | uniform-B                 uniform widths (B = 1..8), raw = model dtype
-    adaptive-B                                          sensitivity-profiled widths at the SAME stored bits per
-                                                        value as uniform-B (B + 32/G, scales counted)
+    adaptive-B                                          profiled widths at the SAME stored bits per value
+                                                        as uniform-B (B + 32/G, scales counted)
     modifiers: +tokens  +evict-K  +obf  +layers-F  +facts
 
 e.g. ``uniform-4+evict-0.25+obf``, ``adaptive-3+tokens+facts``.

@@ -40,7 +40,11 @@ def rate_quality_plot(rows: Sequence[Mapping[str, Any]], *, title: str, out: Pat
 
 
 def ttft_plot(
-    series: Mapping[str, Sequence[tuple[float, float]]], *, title: str, out: Path, xlabel: str = "context tokens"
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    *,
+    title: str,
+    out: Path,
+    xlabel: str = "context tokens",
 ) -> Path:
     """One line per series of (x, ttft seconds) points."""
     plt = _pyplot()

@@ -98,7 +98,9 @@ def _run_row(
     reference = (
         answer_logprobs(lm, None, parts.suffix_ids, target, prefix_ids=parts.prefix_ids) if target else None
     )
-    window = max((c.budget.window for c in conditions if c.budget and needs_attention(c.budget)), default=None)
+    window = max(
+        (c.budget.window for c in conditions if c.budget and needs_attention(c.budget)), default=None
+    )
     plain_obs = observe(lm, row.context) if any(c.kind == "card" for c in conditions) else None
     attn_obs = observe(lm, row.context, window=window) if window is not None else None
     for cond in conditions:
@@ -109,7 +111,11 @@ def _run_row(
             facts = extract_facts(row.context).to_text() if cond.kind == "facts-only" else None
             bare = lm.template.split(lm.tokenizer, "", row.question, facts=facts)
             gen = generate_from_text(lm, bare.prefix_ids, bare.suffix_ids, max_new_tokens=max_new_tokens)
-            lp = answer_logprobs(lm, None, bare.suffix_ids, target, prefix_ids=bare.prefix_ids) if target else None
+            lp = (
+                answer_logprobs(lm, None, bare.suffix_ids, target, prefix_ids=bare.prefix_ids)
+                if target
+                else None
+            )
             record["card_bytes"] = len(facts.encode()) if facts else 0
         else:
             assert cond.budget is not None
@@ -197,7 +203,9 @@ def run_quality_bench(config: QualityBenchConfig) -> list[dict[str, Any]]:
                     t.kl += rec["kl"]
                     t.kl_n += 1
             if per_row is not None:
-                per_row.write(json.dumps({"id": row.id, "answers": list(row.answers), "results": results}) + "\n")
+                per_row.write(
+                    json.dumps({"id": row.id, "answers": list(row.answers), "results": results}) + "\n"
+                )
     finally:
         if per_row is not None:
             per_row.close()

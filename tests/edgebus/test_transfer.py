@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgebus import AlreadyDelivered, Bus, BusConfig, DigestMismatch, PeerAddress
+from edgebus import AlreadyDelivered, Bus, BusConfig, DigestMismatch, PeerAddress, StoreError
 from edgebus._spool import Spool
 from edgebus._transfer import CardManifest, ChunkPuller, chunk_digests, list_digest
 
@@ -49,10 +49,15 @@ def test_spool_keeps_verified_chunks_and_drops_torn_ones(tmp_path: Path) -> None
     m = manifest_for(data)
     digests = chunk_digests(data, CHUNK)
     partial = Spool(tmp_path).partial(m)
+    assert partial.open() == {}
     for i in (0, 2, 5):
         view = memoryview(data)[i * CHUNK : (i + 1) * CHUNK]
         assert partial.write_verified(i, view, digests[i])
     assert not partial.write_verified(1, memoryview(b"x" * CHUNK), digests[1])  # wrong bytes refused
+    partial.close()
+    partial.close()  # idempotent
+    with pytest.raises(StoreError):  # closed: refuses rather than writing through a stale descriptor
+        partial.write_verified(3, memoryview(data)[3 * CHUNK : 4 * CHUNK], digests[3])
     assert set(Spool(tmp_path).partial(m).load_verified()) == {0, 2, 5}
     with open(partial.part_path, "r+b") as f:  # a torn or corrupted chunk on disk
         f.seek(2 * CHUNK)
@@ -133,3 +138,17 @@ async def test_concurrent_fetches_of_one_card_deliver_once(tmp_path: Path) -> No
         assert sorted(type(r).__name__ for r in results) == ["AlreadyDelivered", "bytes"]
         assert receiver.stats().cards_delivered == 1
         assert receiver.link("s").samples >= 1
+
+
+async def test_unwritable_spool_fails_the_fetch_with_store_error(tmp_path: Path) -> None:
+    data = os.urandom(3 * CHUNK)
+    async with pair(tmp_path) as (sender, receiver):
+        await sender.publish_card("kv/a", data)
+        ann = await anext(receiver.announcements())
+        part = Spool(tmp_path / "r").partial(ann.manifest).part_path
+        part.mkdir()  # a directory where the spool file should be: open(2) fails even for root
+        with pytest.raises(StoreError):
+            await receiver.fetch_card(ann)
+        assert not receiver.is_delivered(ann.card_id)
+        part.rmdir()
+        assert await receiver.fetch_card(ann) == data

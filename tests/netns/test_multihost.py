@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,9 +111,9 @@ async def _drive(
 
 
 @pytest.fixture
-async def fleet_dir(tmp_path: Path) -> AsyncIterator[Path]:
+def fleet_dir(tmp_path: Path) -> Path:
     write_fleet_keys(tmp_path / "keys", FLEET)
-    yield tmp_path
+    return tmp_path
 
 
 def _part_bytes(spool: Path) -> int:
@@ -121,9 +121,14 @@ def _part_bytes(spool: Path) -> int:
 
 
 async def _wait_partial(spool: Path, at_least: int, timeout_s: float = 60) -> None:
-    """Until the answerer's spool holds ``at_least`` bytes of a card in progress (polling the files)."""
+    """Until the answerer's spool holds ``at_least`` bytes of a card in progress.
+
+    The spool files are another process's: there is no event to wait on, so this polls them.
+    """
     async with asyncio.timeout(timeout_s):
-        while _part_bytes(spool) < at_least:
+        while True:
+            if _part_bytes(spool) >= at_least:
+                return
             await asyncio.sleep(0.05)
 
 
@@ -136,16 +141,26 @@ async def test_handoff_and_relay_across_three_hosts(
 
     keys, lab = fleet_dir / "keys", chain.lab
     document = "Ada Lovelace wrote the first program for the Analytical Engine designed by Charles Babbage."
+    any_ip, model = _ep("0.0.0.0"), tiny_model_dir
+    relay_section = {
+        "topics": "kv/reader",
+        "out_topic": "kv/relay",
+        "question": RELAY_QUESTION,
+        "max_new_tokens": 6,
+    }
     cfg = {
-        "reader": node_config(fleet_dir, "reader", tiny_model_dir, keys, roles=["reader"], bind=_ep("0.0.0.0"),
-                              reader={"bits": 4}),
-        "relay": node_config(fleet_dir, "relay", tiny_model_dir, keys, roles=["relay"], bind=_ep("0.0.0.0"),
-                             peers=[(_ep(READER_IP), "reader")],
-                             relay={"topics": "kv/reader", "out_topic": "kv/relay", "question": RELAY_QUESTION,
-                                    "max_new_tokens": 6}),
-        "answerer": node_config(fleet_dir, "answerer", tiny_model_dir, keys, roles=["answerer"],
-                                bind=_ep("0.0.0.0"), peers=[(_ep(READER_IP), "reader"), (_ep(RELAY_IP_C), "relay")],
-                                answerer={"max_new_tokens": 8, "persist": False}),
+        "reader": node_config(
+            fleet_dir, "reader", model, keys, roles=["reader"], bind=any_ip, reader={"bits": 4}
+        ),
+        "relay": node_config(
+            fleet_dir, "relay", model, keys, roles=["relay"], bind=any_ip, peers=[(_ep(READER_IP), "reader")],
+            relay=relay_section,
+        ),
+        "answerer": node_config(
+            fleet_dir, "answerer", model, keys, roles=["answerer"], bind=any_ip,
+            peers=[(_ep(READER_IP), "reader"), (_ep(RELAY_IP_C), "relay")],
+            answerer={"max_new_tokens": 8, "persist": False},
+        ),
     }  # fmt: skip
     hosts = {"reader": chain.reader, "relay": chain.relay, "answerer": chain.answerer}
     async with node_group() as nodes:

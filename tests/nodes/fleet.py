@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nodes.demo_processes import keys_section, write_node_config
+from nodes.demo_processes import free_port_base, keys_section, write_node_config
+
+__all__ = ["free_port_base", "node_config"]
 
 FLEET = ("reader", "relay", "answerer", "client")
 QUESTION = "Who wrote the first program?"
@@ -39,26 +41,3 @@ def node_config(
         sections,
         peers=[{"endpoint": endpoint, "public_key": keys / f"{peer}.key"} for endpoint, peer in peers],
     )
-
-
-def free_port_base(host: str = "127.0.0.1") -> int:
-    """A port P with P, P+1, P+2 free now (a node binds all three), so nodes can start concurrently."""
-    import random
-    import socket
-
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000)
-        socks = []
-        try:
-            for offset in range(3):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, base + offset))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no three consecutive free ports found")

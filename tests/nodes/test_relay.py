@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nodes import roles_relay
-from nodes.roles_relay import append_tokens, relay_card
+from nodes.roles_relay import relay_card
+from qkv import extend_snapshot
 from qkv._budget import Budget
 from qkv._card import read_card_info
 from qkv._errors import CardCompatError, CardFormatError
@@ -23,7 +24,7 @@ def test_append_tokens_matches_one_prefill(tiny_lm: Any) -> None:
     ids = tiny_lm.tokenizer.encode(CONTEXT, add_special_tokens=False)
     head, tail = ids[:40], ids[40:]
     joint = prefill(tiny_lm, ids)
-    appended = append_tokens(tiny_lm, prefill(tiny_lm, head), tail)
+    appended = extend_snapshot(tiny_lm, prefill(tiny_lm, head), tail)
     assert appended.num_tokens == joint.num_tokens
     assert torch.equal(appended.positions, joint.positions)
     for a, b in zip(appended.keys, joint.keys, strict=True):
@@ -42,7 +43,7 @@ def test_append_keeps_true_positions_after_a_gap(tiny_lm: Any) -> None:
     gapped = type(snap)(
         keys=snap.keys, values=snap.values, positions=snap.positions * 2, fingerprint=snap.fingerprint
     )
-    out = append_tokens(tiny_lm, gapped, [5, 6, 7])
+    out = extend_snapshot(tiny_lm, gapped, [5, 6, 7])
     assert out.positions[-3:].tolist() == [int(gapped.positions[-1]) + 1 + i for i in range(3)]
 
 

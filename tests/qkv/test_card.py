@@ -30,6 +30,7 @@ from qkv._card import (
 )
 from qkv._errors import CardCompatError, CardDigestError, CardError, CardFormatError
 from qkv._kv import KVSnapshot, ModelFingerprint
+from qkv._quant import quantize
 
 GOLDEN = Path(__file__).parent / "golden" / "card_v1_0.bin"
 EPS32 = 2.0**-23
@@ -46,9 +47,11 @@ def _fingerprint(layers: int, heads: int, dim: int) -> ModelFingerprint:
 
 
 def _integer_tensor(shape: tuple[int, ...], salt: int) -> torch.Tensor:
-    """Deterministic, irregular values from integer arithmetic: identical bytes on every platform."""
+    """Deterministic, irregular values from integer arithmetic and one IEEE division: the same on every
+    platform. The constants keep every value at least 1e-3 codes away from a rounding tie (checked below),
+    so that FMA or not in the quantizer's fp32 arithmetic cannot change the golden bytes."""
     index = torch.arange(int(torch.tensor(shape).prod()), dtype=torch.int64)
-    return (((index * 37 + salt * 101) % 211) - 105).to(torch.float32).div(16.0).view(shape)
+    return (((index * 53 + salt * 101) % 211) - 105).to(torch.float32).div(6.1).view(shape)
 
 
 def golden_snapshot() -> tuple[KVSnapshot, EncodingPlan, CardMeta]:
@@ -149,6 +152,36 @@ def group_bound(x: torch.Tensor, bits: int, group_size: int, axis: int) -> torch
 def test_golden_bytes_are_stable() -> None:
     snapshot, plan, meta = golden_snapshot()
     assert encode_card(snapshot, plan, meta=meta) == GOLDEN.read_bytes()
+
+
+def test_golden_data_has_no_rounding_ties() -> None:
+    snapshot, plan, _ = golden_snapshot()
+    classes = plan.token_classes
+    assert classes is not None
+    for kind, tensors in (("k", snapshot.keys), ("v", snapshot.values)):
+        axis = 1 if kind == "k" else 2
+        for layer, tensor in enumerate(tensors):
+            for cls, bits in enumerate(plan.widths(kind)[layer]):
+                if tensor is None or not 1 <= bits <= 8:
+                    continue
+                x = tensor[:, classes == cls]
+                batch = quantize([x], bits=bits, group_size=plan.group_size, axis=axis)
+                scale = (
+                    batch.scales[0]
+                    .double()
+                    .repeat_interleave(plan.group_size, axis)
+                    .narrow(axis, 0, x.shape[axis])
+                )
+                zero = (
+                    batch.zeros[0]
+                    .double()
+                    .repeat_interleave(plan.group_size, axis)
+                    .narrow(axis, 0, x.shape[axis])
+                )
+                position = (x.double() - zero) / scale
+                below_top = position < (1 << bits) - 0.5  # ties above the top code are clamped anyway
+                distance = (position - position.floor() - 0.5).abs()[below_top]
+                assert distance.numel() == 0 or float(distance.min()) > 1e-3
 
 
 def test_golden_card_decodes() -> None:
@@ -390,6 +423,14 @@ def test_encode_refuses_what_the_plan_or_format_cannot_hold() -> None:
     )
     with pytest.raises(ValueError, match=r"1\.\."):
         encode_card(empty, EncodingPlan.uniform(1, 4))
+    negative = KVSnapshot(
+        keys=(torch.zeros(2, 3, 8),),
+        values=(None,),
+        positions=torch.tensor([5, -1, 0]),
+        fingerprint=_fingerprint(1, 2, 8),
+    )
+    with pytest.raises(ValueError, match="positions"):
+        encode_card(negative, EncodingPlan.uniform(1, 4))
     nan = torch.zeros(2, 11, 8)
     nan[1, 3, 2] = float("nan")
     with_nan = KVSnapshot(

@@ -66,7 +66,9 @@ def _gemma_tokenizer():  # type: ignore[no-untyped-def]
         initial_alphabet=alphabet,
         show_progress=False,
     )
-    backend.train_from_iterator([*SENTENCES, "Answer with a short phrase from the context. Question:"], trainer)
+    backend.train_from_iterator(
+        [*SENTENCES, "Answer with a short phrase from the context. Question:"], trainer
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -164,7 +166,9 @@ def _pre_rope_keys(lm: LoadedModel, ids: tuple[int, ...]) -> dict[int, torch.Ten
     for index, keys in captured.items():
         cached = snapshot.keys[index]
         assert cached is not None
-        torch.testing.assert_close(unrotate(cached, tables[index], snapshot.positions), keys, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            unrotate(cached, tables[index], snapshot.positions), keys, atol=2e-4, rtol=1e-4
+        )
     return captured
 
 
@@ -199,7 +203,7 @@ def test_ridge_fit_recovers_a_known_linear_map() -> None:
 
 
 def test_align_tokens_picks_the_receiver_token_holding_the_last_character() -> None:
-    # text: "Denver's Broncos"   sender: "Den" "ver" "'s" " Bron" "cos"   receiver: "Denver" "'" "s" " Broncos"
+    # "Denver's Broncos": sender "Den" "ver" "'s" " Bron" "cos"; receiver "Denver" "'" "s" " Broncos"
     sender = [(0, 3), (3, 6), (6, 8), (8, 13), (13, 16), (16, 16)]
     receiver = [(0, 6), (6, 7), (7, 8), (8, 16)]
     assert align_tokens(sender, receiver) == [0, 0, 2, 3, 3, 3]
@@ -386,11 +390,19 @@ def test_artifact_load_rejects_an_edited_header(tmp_path: Path, calibration: Cro
     with safe_open(str(path), framework="pt") as handle:
         metadata = dict(handle.metadata())
     edited = tmp_path / "edited.safetensors"
-    save_file(load_file(str(path)), str(edited), metadata={k: v.replace('"ridge": 0.05', '"ridge": 0.5') for k, v in metadata.items()})
+    save_file(
+        load_file(str(path)),
+        str(edited),
+        metadata={k: v.replace('"ridge": 0.05', '"ridge": 0.5') for k, v in metadata.items()},
+    )
     with pytest.raises(CalibrationError, match="does not match the recorded id"):
         CrossModelCalibration.load(edited)
     other = tmp_path / "other.safetensors"
-    save_file(load_file(str(path)), str(other), metadata={k: v.replace('"version": 1', '"version": 99') for k, v in metadata.items()})
+    save_file(
+        load_file(str(path)),
+        str(other),
+        metadata={k: v.replace('"version": 1', '"version": 99') for k, v in metadata.items()},
+    )
     with pytest.raises(CalibrationError, match="version"):
         CrossModelCalibration.load(other)
 
@@ -414,3 +426,43 @@ def test_real_models_rope_de_rotation_matches_their_pre_rope_keys() -> None:
             pytest.skip(f"{exc} (tests marked `model` need it)")
         parts, _ = _sender_snapshot(lm)
         assert len(_pre_rope_keys(lm, parts.prefix_ids)) == lm.fingerprint.num_layers
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+
+
+def _write_rows(path: Path, contexts: list[str]) -> Path:
+    import json
+
+    lines = [
+        json.dumps({"id": str(i), "context": c, "question": QUESTION, "answers": ["Denver Broncos"]})
+        for i, c in enumerate(contexts)
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_calibration_texts_skip_scored_contexts(tmp_path: Path) -> None:
+    from nodes.bench.crossmodel import calibration_texts
+    from nodes.bench.datasets import load_rows
+
+    data = _write_rows(tmp_path / "rows.jsonl", [*SENTENCES, SENTENCES[0]])
+    scored = load_rows(data, limit=2)
+    texts = calibration_texts(data, rows=100, offset=1, exclude=scored)
+    assert texts == list(SENTENCES[2:])
+
+
+def test_crossmodel_bench_runs_end_to_end(tmp_path: Path, llama: LoadedModel, gemma: LoadedModel) -> None:
+    from nodes.bench.crossmodel import CONDITIONS, run_crossmodel_bench
+
+    scored = _write_rows(tmp_path / "scored.jsonl", list(SENTENCES[:2]))
+    calib = _write_rows(tmp_path / "calib.jsonl", list(SENTENCES))
+    summary = run_crossmodel_bench(
+        llama, gemma, scored, limit=2, calib_data=calib, calib_rows=10, calib_offset=0,
+        calibration_path=tmp_path / "cal.safetensors", max_new_tokens=2, json_out=tmp_path / "out.json",
+    )  # fmt: skip
+    assert [r["condition"] for r in summary["results"]] == list(CONDITIONS)
+    assert summary["calibration_texts"] == 10  # the two scored contexts were left out
+    assert (tmp_path / "cal.safetensors").is_file()
+    assert (tmp_path / "out.rows.jsonl").read_text().count("\n") == 2
+    assert len(summary["calibration"]["r2_k"]) == gemma.fingerprint.num_layers
