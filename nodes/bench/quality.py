@@ -171,6 +171,33 @@ def _summarise(dataset: str, names: Sequence[str], tallies: dict[str, _Tally]) -
     return rows
 
 
+def _tally(tallies: dict[str, _Tally], results: dict[str, dict[str, Any]]) -> None:
+    for name, rec in results.items():
+        t = tallies.setdefault(name, _Tally())
+        t.n += 1
+        t.f1 += rec["f1"]
+        t.em += rec["em"]
+        t.same += int(rec["same"])
+        t.card_bytes += int(rec.get("card_bytes", 0))
+        t.fp16_bytes += int(rec.get("fp16_bytes", 0))
+        t.ttft += rec["ttft_s"]
+        if "kl" in rec:
+            t.kl += rec["kl"]
+            t.kl_n += 1
+
+
+def summarise_rows_file(path: Path, *, dataset: str) -> list[dict[str, Any]]:
+    """Summary of a run's per-row file (``OUT.rows.jsonl``), e.g. of a run stopped before its last row."""
+    tallies: dict[str, _Tally] = {}
+    names: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            results = json.loads(line)["results"]
+            names.extend(n for n in results if n not in names)
+            _tally(tallies, results)
+    return _summarise(dataset, names, tallies)
+
+
 def run_quality_bench(config: QualityBenchConfig) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
@@ -190,18 +217,7 @@ def run_quality_bench(config: QualityBenchConfig) -> list[dict[str, Any]]:
             results = _run_row(
                 lm, row, conditions, profile=profile, max_new_tokens=config.max_new_tokens, kl=config.kl
             )
-            for name, rec in results.items():
-                t = tallies[name]
-                t.n += 1
-                t.f1 += rec["f1"]
-                t.em += rec["em"]
-                t.same += int(rec["same"])
-                t.card_bytes += int(rec.get("card_bytes", 0))
-                t.fp16_bytes += int(rec.get("fp16_bytes", 0))
-                t.ttft += rec["ttft_s"]
-                if "kl" in rec:
-                    t.kl += rec["kl"]
-                    t.kl_n += 1
+            _tally(tallies, results)
             if per_row is not None:
                 per_row.write(
                     json.dumps({"id": row.id, "answers": list(row.answers), "results": results}) + "\n"
