@@ -8,6 +8,7 @@ a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -69,12 +70,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     if args.sender or args.receiver:
-        from nodes.bench.crossmodel import run_pair_calibrate
-
-        if not (args.sender and args.receiver):
-            raise SystemExit("edgebus calibrate: --sender and --receiver go together")
-        run_pair_calibrate(args.sender, args.receiver, Path(args.data), rows=args.rows, out=args.out)
-        return 0
+        return _calibrate_pair(args)
     from nodes.bench.calibrate_cli import run_calibrate
 
     run_calibrate(
@@ -85,6 +81,23 @@ def _calibrate(args: argparse.Namespace) -> int:
         out=args.out,
         group_size=args.group_size,
     )
+    return 0
+
+
+def _calibrate_pair(args: argparse.Namespace) -> int:
+    """Fit the linear KV translation from ``--sender``'s caches to ``--receiver``'s and save the artifact."""
+    from nodes.bench.crossmodel import calibration_summary, calibration_texts, fit_or_load_calibration
+    from qkv import load_model, models_dir
+
+    if not (args.sender and args.receiver):
+        print("edgebus calibrate: --sender and --receiver go together", file=sys.stderr)
+        return EXIT_USER_ERROR
+    sender, receiver = load_model(args.sender), load_model(args.receiver)
+    texts = calibration_texts(Path(args.data), rows=args.rows or 64, offset=args.offset)
+    out = args.out or models_dir().parent / "calibrations" / f"{args.sender}--{args.receiver}.safetensors"
+    calibration = fit_or_load_calibration(sender, receiver, texts, path=out)
+    print(json.dumps(calibration_summary(calibration), indent=1, default=str))
+    print(f"calibration {calibration.id}: {out}")
     return 0
 
 
