@@ -15,7 +15,8 @@ import torch
 from qkv._hf import answer_logprobs, generate_from_snapshot, generate_from_text, prefill
 from qkv._modelstore import MANIFEST_NAME
 
-pytestmark = pytest.mark.model
+# Loading the real model and generating takes ~25 s alone, minutes on a loaded 2-core box.
+pytestmark = [pytest.mark.model, pytest.mark.timeout(1200)]
 
 
 def _squad_rows(shared_data: Path, count: int) -> list[dict[str, object]]:
