@@ -16,6 +16,7 @@ from ._calibrate import (
     profiles_dir,
 )
 from ._card import CardInfo, CardMeta, DecodedCard, EncodingPlan, decode_card, encode_card, read_card_info
+from ._crossmodel import CrossModelCalibration, calibrate_pair, require_calibration, translate_snapshot
 from ._errors import (
     CalibrationError,
     CardCompatError,
@@ -91,6 +92,7 @@ __all__ = [
     "CardInfo",
     "CardMeta",
     "CatalogueEntry",
+    "CrossModelCalibration",
     "DecodedCard",
     "EncodedContext",
     "EncodingPlan",
@@ -117,6 +119,7 @@ __all__ = [
     "answer_logprobs",
     "attention_mass_by_class",
     "build_cache",
+    "calibrate_pair",
     "card_roundtrip",
     "class_bits_for_budget",
     "decode_card",
@@ -145,9 +148,11 @@ __all__ = [
     "profiles_dir",
     "pull_model",
     "read_card_info",
+    "require_calibration",
     "select_layers",
     "select_tokens",
     "token_classes",
     "token_importance",
+    "translate_snapshot",
     "width_cost",
 ]
