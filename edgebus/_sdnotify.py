@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 
 from ._errors import ClosedError, ConfigError
+from ._tasks import cancel_and_wait
 
 __all__ = ["Notifier", "WatchdogPinger"]
 
@@ -210,14 +211,7 @@ class WatchdogPinger:
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            # Swallow the cancellation we asked for, but not one aimed at the task awaiting us.
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
+        await cancel_and_wait(task)
 
     def _is_healthy(self) -> bool:
         if self._healthy is None:

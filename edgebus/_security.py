@@ -23,6 +23,7 @@ import zmq.asyncio
 from zmq.auth.base import Authenticator
 
 from ._errors import ReplayError
+from ._tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,7 @@ class ZapAuthenticator(Authenticator):
         """Cancel the handler task, await it, then close the ZAP socket. Idempotent."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
             try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+                await cancel_and_wait(task)
             finally:
                 self.stop()

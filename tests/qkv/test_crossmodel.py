@@ -29,7 +29,7 @@ from qkv._errors import CalibrationError, CardCompatError
 from qkv._hf import generate_from_snapshot, prefill
 from qkv._modelstore import LoadedModel, load_model
 from qkv._rope import RopeTable, rope_tables_of, rotate, unrotate
-from tests.conftest import build_tiny_model_dir
+from tests.conftest import build_tiny_model_dir, missing
 
 SENTENCES = (
     "The Denver Broncos defeated the Carolina Panthers to win Super Bowl 50 in February 2016.",
@@ -423,7 +423,7 @@ def test_real_models_rope_de_rotation_matches_their_pre_rope_keys() -> None:
         try:
             lm = load_model(name, device="cpu")
         except ModelNotPulledError as exc:
-            pytest.skip(f"{exc} (tests marked `model` need it)")
+            missing(f"{exc} (tests marked `model` need it)")
         parts, _ = _sender_snapshot(lm)
         assert len(_pre_rope_keys(lm, parts.prefix_ids)) == lm.fingerprint.num_layers
 
