@@ -9,14 +9,22 @@ exported for benchmarks and tools. Imports torch and transformers; never zmq or 
 from ._allocate import Allocation, SensitivityProfile, allocate_bits, width_cost
 from ._budget import Budget
 from ._calibrate import (
+    CalibrationItem,
     card_roundtrip,
     default_profile,
     predicted_distortion,
+    profile_filename,
     profile_sensitivity,
     profiles_dir,
 )
 from ._card import CardInfo, CardMeta, DecodedCard, EncodingPlan, decode_card, encode_card, read_card_info
-from ._crossmodel import CrossModelCalibration, calibrate_pair, require_calibration, translate_snapshot
+from ._crossmodel import (
+    CrossModelCalibration,
+    calibrate_pair,
+    receiver_suffix_ids,
+    require_calibration,
+    translate_snapshot,
+)
 from ._errors import (
     CalibrationError,
     CardCompatError,
@@ -61,6 +69,7 @@ from ._modelstore import (
     StoredModel,
     list_models,
     load_model,
+    model_dir,
     models_dir,
     pull_model,
 )
@@ -84,6 +93,7 @@ __all__ = [
     "Allocation",
     "Budget",
     "CalibrationError",
+    "CalibrationItem",
     "CardAnswer",
     "CardCompatError",
     "CardDigestError",
@@ -137,6 +147,7 @@ __all__ = [
     "layer_scores",
     "list_models",
     "load_model",
+    "model_dir",
     "models_dir",
     "needs_attention",
     "observe",
@@ -144,10 +155,12 @@ __all__ = [
     "predicted_distortion",
     "prefill",
     "prefill_observed",
+    "profile_filename",
     "profile_sensitivity",
     "profiles_dir",
     "pull_model",
     "read_card_info",
+    "receiver_suffix_ids",
     "require_calibration",
     "select_layers",
     "select_tokens",

@@ -639,6 +639,11 @@ def _resolve(name_or_path: str | Path, home: Path | str | None) -> tuple[Path, s
     )
 
 
+def model_dir(name_or_path: str | Path, *, home: Path | str | None = None) -> Path:
+    """The directory ``load_model`` would read (for a tokenizer alone, say); same errors as ``load_model``."""
+    return _resolve(name_or_path, home)[0]
+
+
 def _resolve_device(device: Device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

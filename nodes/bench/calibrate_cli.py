@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import TextIO
 
 from nodes.bench.datasets import load_rows
-from qkv import SensitivityProfile, load_model, width_cost
-from qkv._calibrate import (
+from qkv import (
     CalibrationItem,
+    SensitivityProfile,
+    load_model,
     predicted_distortion,
     profile_filename,
     profile_sensitivity,
     profiles_dir,
+    width_cost,
 )
 
 #: Rows ``0..BENCHMARK_ROWS-1`` of every QA file are benchmark rows; calibration must start after them.

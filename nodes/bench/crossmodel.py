@@ -31,11 +31,19 @@ import torch
 from nodes.bench.datasets import QARow, dataset_name, load_rows
 from nodes.bench.metrics import best_em, best_f1
 from nodes.bench.table import format_table
-from qkv._crossmodel import CrossModelCalibration, calibrate_pair, receiver_suffix_ids, translate_snapshot
-from qkv._errors import CalibrationError
-from qkv._facts import extract_facts
-from qkv._hf import generate_from_snapshot, generate_from_text, prefill
-from qkv._modelstore import LoadedModel, load_model
+from qkv import (
+    CalibrationError,
+    CrossModelCalibration,
+    LoadedModel,
+    calibrate_pair,
+    extract_facts,
+    generate_from_snapshot,
+    generate_from_text,
+    load_model,
+    prefill,
+    receiver_suffix_ids,
+    translate_snapshot,
+)
 
 CONDITIONS = ("no-context", "text", "translated-kv", "translated-kv+facts", "facts-only", "translated-kv+vm")
 COLUMNS = ("dataset", "direction", "condition", "n", "f1", "em", "gap_closed", "sent_bytes", "ttft_s")

@@ -249,11 +249,10 @@ def run_handoff_bench(
     from transformers import AutoTokenizer
 
     from nodes.bench.plots import ttft_plot
-    from qkv._modelstore import _resolve
+    from qkv import model_dir
 
     config = config or HandoffBenchConfig()
-    directory, _, _ = _resolve(config.model, None)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir(config.model)))
     contexts = build_contexts(tokenizer, config.tokens, config.data)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edgebus-handoff-") as tmp:
