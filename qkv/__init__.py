@@ -2,8 +2,11 @@
 
 Sender: ``encode_context(lm, context, Budget(...))`` prefills a context and writes a card. Receiver:
 ``answer_from_card(lm, card_bytes, question)`` verifies the card against its own model and answers with only
-the question's tokens. Lower-level pieces (quantization plan, card codec, eviction, allocation, facts) are
-exported for benchmarks and tools. Imports torch and transformers; never zmq or asyncio.
+the question's tokens. Split hand-off: ``encode_split(..., head_tokens=h)`` writes a card holding the KV of
+the tokens after the first ``h`` and the ids of those ``h``; the receiver prefills that head itself
+(``prefill_head``, possibly while the card is in flight) and answers with ``answer_from_card(..., head=)``.
+Lower-level pieces (quantization plan, card codec, eviction, allocation, facts) are exported for benchmarks
+and tools. Imports torch and transformers; never zmq or asyncio.
 """
 
 from ._allocate import Allocation, SensitivityProfile, allocate_bits, width_cost
@@ -81,10 +84,12 @@ from ._pipeline import (
     answer_from_text,
     encode_context,
     encode_observation,
+    encode_split,
     needs_attention,
     observe,
 )
 from ._prompt import PromptParts, PromptTemplate
+from ._split import SplitHead, attach_head, prefill_head, split_head, tail_observation
 
 __all__ = [
     "CATALOGUE",
@@ -120,6 +125,7 @@ __all__ = [
     "PromptTemplate",
     "QkvError",
     "SensitivityProfile",
+    "SplitHead",
     "StoreSpaceError",
     "StoredModel",
     "UnknownModelError",
@@ -127,6 +133,7 @@ __all__ = [
     "answer_from_card",
     "answer_from_text",
     "answer_logprobs",
+    "attach_head",
     "attention_mass_by_class",
     "build_cache",
     "calibrate_pair",
@@ -137,6 +144,7 @@ __all__ = [
     "encode_card",
     "encode_context",
     "encode_observation",
+    "encode_split",
     "evict",
     "extend_snapshot",
     "extract_facts",
@@ -154,6 +162,7 @@ __all__ = [
     "orthogonal_backfill",
     "predicted_distortion",
     "prefill",
+    "prefill_head",
     "prefill_observed",
     "profile_filename",
     "profile_sensitivity",
@@ -164,6 +173,8 @@ __all__ = [
     "require_calibration",
     "select_layers",
     "select_tokens",
+    "split_head",
+    "tail_observation",
     "token_classes",
     "token_importance",
     "translate_snapshot",

@@ -108,3 +108,50 @@ class KVSnapshot:
             if v is not None:
                 total += v.numel() * 2
         return total
+
+    def followed_by(self, tail: KVSnapshot) -> KVSnapshot:
+        """This snapshot's tokens, then ``tail``'s: one sequence whose head and tail were computed apart.
+
+        Exact when ``tail`` is the KV the same model computed for the later tokens with this head before them
+        (attention is causal: a token's KV depends only on the tokens before it). Both must come from one
+        model, send the same layers, and every tail position must come after this snapshot's last; the tail's
+        tensors are moved to this snapshot's device and dtype. ``template_prefix_tokens`` adds up (the
+        template may reach into the tail), ``extra`` is this snapshot's. Raises :class:`CardCompatError`.
+        """
+        self.fingerprint.require_same(tail.fingerprint)
+        if tail.num_layers != self.num_layers:
+            raise CardCompatError(f"head has {self.num_layers} layers, tail has {tail.num_layers}")
+        if tail.num_tokens and self.num_tokens and int(tail.positions[0]) < self.next_position:
+            raise CardCompatError(
+                f"tail starts at position {int(tail.positions[0])}, inside the head (positions up to "
+                f"{self.next_position - 1})"
+            )
+        keys: list[torch.Tensor | None] = []
+        values: list[torch.Tensor | None] = []
+        pairs = zip(self.keys, self.values, tail.keys, tail.values, strict=True)
+        for layer, (k, v, tail_k, tail_v) in enumerate(pairs):
+            joined: list[torch.Tensor | None] = []
+            for mine, theirs in ((k, tail_k), (v, tail_v)):
+                if mine is None and theirs is None:
+                    joined.append(None)
+                    continue
+                if mine is None or theirs is None:
+                    raise CardCompatError(
+                        f"layer {layer} is in one of head and tail only: they cannot be joined"
+                    )
+                if mine.dim() != 3 or theirs.dim() != 3 or mine.shape[::2] != theirs.shape[::2]:
+                    raise CardCompatError(
+                        f"layer {layer}: head {tuple(mine.shape)} and tail {tuple(theirs.shape)} are not "
+                        "[kv_heads, tokens, head_dim] of one geometry"
+                    )
+                joined.append(torch.cat([mine, theirs.to(device=mine.device, dtype=mine.dtype)], dim=1))
+            keys.append(joined[0])
+            values.append(joined[1])
+        return KVSnapshot(
+            keys=tuple(keys),
+            values=tuple(values),
+            positions=torch.cat([self.positions, tail.positions.to(self.positions.device)]),
+            fingerprint=self.fingerprint,
+            template_prefix_tokens=self.template_prefix_tokens + tail.template_prefix_tokens,
+            extra=dict(self.extra),
+        )

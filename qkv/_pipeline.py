@@ -4,7 +4,8 @@ The sender (:func:`encode_context`) prefills the context once, then applies a :c
 token eviction (with optional Orthogonal BackFill), layer selection, adaptive or uniform widths, token-level
 mixed precision and fact extraction, and writes one CacheCard. The receiver (:func:`answer_from_card`)
 verifies and decodes the card against its own model fingerprint and generates from it with only its own
-question tokens; it never sees the context text.
+question tokens; it never sees the context text. A split card (:func:`encode_split`, ``qkv._split``) holds
+only the KV of the context's tail and the head's token ids; the receiver prefills the head itself.
 
 Honest accounting: ``fp16_bytes`` is the fp16 size of the *whole* context's KV before any eviction or layer
 selection, so ``fp16_bytes / card_bytes`` is the compression a receiver actually gets over sending the cache.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,7 +25,7 @@ from ._allocate import SensitivityProfile
 from ._budget import Budget
 from ._calibrate import default_profile
 from ._card import CardMeta, DecodedCard, EncodingPlan, decode_card, encode_card, read_card_info
-from ._errors import CalibrationError
+from ._errors import CalibrationError, CardCompatError
 from ._evict import evict
 from ._facts import extract_facts
 from ._hf import Generation, generate_from_snapshot, generate_from_text, prefill, prefill_observed
@@ -32,6 +33,7 @@ from ._importance import attention_mass_by_class, class_bits_for_budget, head_im
 from ._kv import KVSnapshot
 from ._layers import select_layers
 from ._modelstore import LoadedModel
+from ._split import SPLIT_HEAD_KEY, SplitHead, attach_head, prefill_head, split_head, tail_observation
 
 #: Shares of tokens in the importance classes used by token-level mixed precision (most important first).
 TOKEN_CLASS_SHARES = (0.1, 0.3, 0.6)
@@ -51,6 +53,8 @@ class EncodedContext:
     facts: str
     prefill_s: float
     encode_s: float  # everything after the prefill: attention stats, eviction, allocation, packing
+    # Split hand-off: the head the card lacks (its tokens are in ``context_tokens``, not ``card_tokens``).
+    head: SplitHead | None = None
 
     @property
     def card_bytes(self) -> int:
@@ -68,6 +72,8 @@ class CardAnswer:
     generation: Generation
     decode_s: float
     card: DecodedCard
+    # Split card: prefilling the head here (when none was given) and joining it to the card's tail.
+    head_s: float = 0.0
 
     @property
     def text(self) -> str:
@@ -75,7 +81,7 @@ class CardAnswer:
 
     @property
     def ttft_s(self) -> float:
-        return self.decode_s + self.generation.ttft_s
+        return self.decode_s + self.head_s + self.generation.ttft_s
 
 
 def _layer_widths(
@@ -138,6 +144,7 @@ class Observation:
     attn: torch.Tensor | None  # [layers, heads, window, tokens], or None
     context_span: tuple[int, int]  # [start, end) of the context tokens
     prefill_s: float
+    prefix_ids: tuple[int, ...] = ()  # the prefilled token ids (a split card sends the head's)
 
 
 def observe(lm: LoadedModel, context: str, *, window: int | None = None) -> Observation:
@@ -156,6 +163,7 @@ def observe(lm: LoadedModel, context: str, *, window: int | None = None) -> Obse
         attn=attn,
         context_span=parts.context_token_span,
         prefill_s=time.perf_counter() - start,
+        prefix_ids=parts.prefix_ids,
     )
 
 
@@ -186,8 +194,12 @@ def encode_observation(
     context: str,
     sender: str = "",
     profile: SensitivityProfile | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> EncodedContext:
-    """Apply ``budget`` to an observed prefill and write the card (``context`` feeds fact extraction)."""
+    """Apply ``budget`` to an observed prefill and write the card (``context`` feeds fact extraction).
+
+    ``extra`` adds keys to the card's ``CardMeta.extra`` (overriding the defaults of the same name).
+    """
     if needs_attention(budget) and obs.attn is None:
         raise ValueError("this budget needs window attention: observe(..., window=budget.window)")
     start = time.perf_counter()
@@ -210,8 +222,9 @@ def encode_observation(
             obf=budget.obf,
             obf_rank=budget.obf_rank,
         )
-        # Original positions are 0..T-1, so the kept positions index the kept tokens of the statistics.
-        per_head = per_head[:, :, snapshot.positions]
+        # The statistics' columns are the observed tokens, in position order: find the kept ones by position
+        # (a split card's tail starts at its head's length, not at 0).
+        per_head = per_head[:, :, torch.searchsorted(obs.snapshot.positions, snapshot.positions)]
 
     sent: tuple[int, ...] = tuple(range(num_layers))
     if budget.layers < 1.0 and per_head is not None:
@@ -251,7 +264,12 @@ def encode_observation(
         created=time.time(),
         facts=facts,
         budget=budget.to_dict(),
-        extra={"context_tokens": context_tokens, "fp16_bytes": fp16_bytes, "layers_sent": list(sent)},
+        extra={
+            "context_tokens": context_tokens,
+            "fp16_bytes": fp16_bytes,
+            "layers_sent": list(sent),
+            **(extra or {}),
+        },
     )
     data = encode_card(snapshot, plan, meta=meta)
     encode_s = time.perf_counter() - start
@@ -269,6 +287,45 @@ def encode_observation(
     )
 
 
+def encode_split(
+    lm: LoadedModel,
+    context: str,
+    budget: Budget | None = None,
+    *,
+    head_tokens: int,
+    sender: str = "",
+    profile: SensitivityProfile | None = None,
+) -> EncodedContext:
+    """A split card: the KV of tokens ``[head_tokens, n)`` under ``budget``, plus the head's token ids.
+
+    One prefill of the whole context (the tail's KV depends on the head); ``budget`` applies to the tail
+    only (the receiver prefills the head exactly). ``head_tokens`` counts from the first token, template
+    included: 0 writes an ordinary card, ``1..n-1`` a split one (``qkv._split``), anything else is a
+    ValueError. Layer selection is refused: the joined cache would lack the tail in some layers only.
+    ``fp16_bytes`` and ``context_tokens`` stay the whole context's.
+    """
+    budget = budget or Budget()
+    if isinstance(head_tokens, bool) or not isinstance(head_tokens, int) or head_tokens < 0:
+        raise ValueError(f"head_tokens must be an int >= 0, got {head_tokens!r}")
+    if head_tokens and budget.layers < 1.0:
+        raise ValueError("a split card cannot use layer selection (budget.layers < 1)")
+    obs = observe(lm, context, window=budget.window if needs_attention(budget) else None)
+    if head_tokens == 0:
+        return encode_observation(lm, obs, budget, context=context, sender=sender, profile=profile)
+    tail, head = tail_observation(obs, head_tokens)
+    context_tokens, fp16_bytes = obs.snapshot.num_tokens, obs.snapshot.fp16_bytes()
+    encoded = encode_observation(
+        lm,
+        tail,
+        budget,
+        context=context,
+        sender=sender,
+        profile=profile,
+        extra={"context_tokens": context_tokens, "fp16_bytes": fp16_bytes, SPLIT_HEAD_KEY: head.to_meta()},
+    )
+    return replace(encoded, context_tokens=context_tokens, fp16_bytes=fp16_bytes, head=head)
+
+
 def answer_from_card(
     lm: LoadedModel,
     data: bytes | memoryview,
@@ -276,15 +333,30 @@ def answer_from_card(
     *,
     max_new_tokens: int = 24,
     use_facts: bool = True,
+    head: KVSnapshot | None = None,
 ) -> CardAnswer:
-    """Verify and decode ``data`` for ``lm`` (CardError if not for this model), then answer ``question``."""
+    """Verify and decode ``data`` for ``lm`` (CardError if not for this model), then answer ``question``.
+
+    A split card is joined with ``head`` (from :func:`~qkv._split.prefill_head` of the card's head; a head
+    of other tokens or length is a CardCompatError); without one, the head is prefilled here first.
+    """
     start = time.perf_counter()
     card = decode_card(data, expect=lm.fingerprint, device=lm.device, dtype=_model_dtype(lm))
     decode_s = time.perf_counter() - start
+    snapshot, head_s = card.snapshot, 0.0
+    expected = split_head(card)
+    if expected is not None:
+        start = time.perf_counter()
+        snapshot = attach_head(head if head is not None else prefill_head(lm, expected), snapshot, expected)
+        head_s = time.perf_counter() - start
+    elif head is not None:
+        raise CardCompatError(
+            "a head was given, but the card is not a split card: it holds the whole context"
+        )
     facts = card.meta.facts if use_facts and card.meta.facts else None
     suffix = lm.template.split(lm.tokenizer, "", question, facts=facts).suffix_ids
-    generation = generate_from_snapshot(lm, card.snapshot, suffix, max_new_tokens=max_new_tokens)
-    return CardAnswer(generation=generation, decode_s=decode_s, card=card)
+    generation = generate_from_snapshot(lm, snapshot, suffix, max_new_tokens=max_new_tokens)
+    return CardAnswer(generation=generation, decode_s=decode_s, card=card, head_s=head_s)
 
 
 def answer_from_text(
