@@ -7,9 +7,14 @@ holds the same token count for all its heads and the snapshot has one ``position
 (a subset of ``snapshot.positions``, still increasing), so the receiver applies RoPE where the sender did.
 
 ``importance`` is the raw attention mass each token received from the observation window, either ``[tokens]``
-or ``[layers, kv_heads, tokens]`` (:func:`qkv._importance.head_importance`); selection uses its mean over
-layers and heads. OBF treats it as attention mass, so it must not carry the protection bonus of
-:func:`qkv._importance.token_importance` (values above 1 are refused when ``obf`` is set).
+or ``[layers, kv_heads, tokens]`` (:func:`qkv._importance.head_importance`). A 1-D importance ranks tokens as
+it is. A 3-D one ranks by :func:`selection_scores`: each (layer, head) row's mass over the unprotected tokens,
+renormalised to sum to 1, then averaged, so every head gets an equal vote. Without the renormalisation the
+heads that park most of their mass on the sink tokens (always kept anyway) barely vote, and the ranking is
+left to a few local heads (SmolLM2-135M, 16 HotpotQA rows, 4-bit, keep 0.5: KL vs text 1.61 -> 1.42; with
+re-read attention, :func:`qkv._hf.prefill_reread`, 0.97). OBF treats importance as attention mass, so it must
+not carry the protection bonus of :func:`qkv._importance.token_importance` (values above 1 are refused when
+``obf`` is set).
 
 OBF, per layer and per KV head (or per layer with the heads' features concatenated, ``per_head_obf=False``):
 with masses ``A_K`` (kept) and ``A_D`` (discarded), the full readout is ``A_K m_K + A_D m_D`` over
@@ -56,6 +61,30 @@ def kept_count(tokens: int, *, keep: float, sinks: int, window: int) -> int:
     return min(tokens, max(protected, round(keep * tokens)))
 
 
+def protected_mask(tokens: int, *, sinks: int, window: int) -> torch.Tensor:
+    """Boolean ``[tokens]``: the first ``sinks`` and last ``window`` tokens, which eviction always keeps."""
+    protected = torch.zeros(tokens, dtype=torch.bool)
+    protected[: min(sinks, tokens)] = True
+    if window:
+        protected[max(tokens - window, 0) :] = True
+    return protected
+
+
+def selection_scores(importance: torch.Tensor, *, sinks: int, window: int) -> torch.Tensor:
+    """Ranking score per token (float64 ``[tokens]``) from ``[layers, kv_heads, tokens]`` attention mass.
+
+    Each row is restricted to the unprotected tokens and renormalised to sum to 1 (a row with no mass there
+    stays zero), then rows are averaged; protected tokens score 0 (they are kept regardless).
+    """
+    if importance.dim() != 3:
+        raise ValueError(f"importance must be [layers, kv_heads, tokens], got {tuple(importance.shape)}")
+    free = ~protected_mask(importance.shape[-1], sinks=sinks, window=window)
+    mass = importance.to(torch.float64) * free
+    totals = mass.sum(dim=-1, keepdim=True)
+    shares = torch.where(totals > 0, mass / totals.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    return shares.mean(dim=(0, 1))
+
+
 def select_tokens(scores: torch.Tensor, *, keep: float, sinks: int = 4, window: int = 32) -> torch.Tensor:
     """Sorted int64 indices of the kept tokens; ``scores`` is 1-D, higher = more important.
 
@@ -65,10 +94,7 @@ def select_tokens(scores: torch.Tensor, *, keep: float, sinks: int = 4, window: 
         raise ValueError(f"scores must be 1-D, got shape {tuple(scores.shape)}")
     tokens = scores.shape[0]
     count = kept_count(tokens, keep=keep, sinks=sinks, window=window)
-    protected = torch.zeros(tokens, dtype=torch.bool)
-    protected[: min(sinks, tokens)] = True
-    if window:
-        protected[max(tokens - window, 0) :] = True
+    protected = protected_mask(tokens, sinks=sinks, window=window)
     free = count - int(protected.sum())
     candidates = torch.nonzero(~protected).flatten()
     order = torch.sort(-scores[candidates].to(torch.float64), stable=True).indices
@@ -153,8 +179,8 @@ def evict(
     scores = _check_importance(importance, snapshot)
     if obf and scores.numel() and float(scores.max()) > 1.0 + 1e-6:
         raise ValueError("OBF needs raw attention mass (<= 1), not protected ranking scores")
-    selection_scores = scores if scores.dim() == 1 else scores.mean(dim=(0, 1))
-    kept = select_tokens(selection_scores, keep=keep, sinks=sinks, window=window)
+    ranking = scores if scores.dim() == 1 else selection_scores(scores, sinks=sinks, window=window)
+    kept = select_tokens(ranking, keep=keep, sinks=sinks, window=window)
 
     new_keys: list[torch.Tensor | None] = []
     new_values: list[torch.Tensor | None] = []

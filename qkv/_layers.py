@@ -4,10 +4,17 @@ A layer's score mixes two terms:
 
 * how much attention the observation-window queries put on the *context* tokens (not the template or the
   sink tokens) in that layer, min-max normalised over layers: layers that read the context carry it;
-* a Gaussian prior over relative depth (``mu``, ``sigma``), because the middle layers' KV transfers best
-  and the first layers' KV is close to token embeddings that the receiver recomputes cheaply from nothing.
+* a Gaussian prior over relative depth (``mu``, ``sigma``).
 
 ``score = weight * attention + (1 - weight) * prior``; the top ``ceil(fraction * layers)`` layers are sent.
+
+Defaults are measured, not assumed (SmolLM2-135M, 12 HotpotQA rows, fp16 KV, the receiver's own template KV
+in unsent layers, mean KL vs the text condition; no context: 2.78): sending the deeper half of the layers
+(layers 15-29) gave 0.64, every other layer 0.71, layers 10-24 0.84, the first half 2.74 (as bad as no
+context), and the old default (``weight=0.5, mu=0.5``, which picked layers 0-2 and 6-22) 2.22; the attention
+term alone picked 2.45. So the default is the depth prior alone, centred deep (``weight=0, mu=0.75``): the
+receiver's question tokens read the context in the later layers, while its first layers' KV only matters
+through what later layers computed from it on the sender.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import math
 import torch
 
 
-def depth_prior(num_layers: int, *, mu: float = 0.5, sigma: float = 0.3) -> torch.Tensor:
+def depth_prior(num_layers: int, *, mu: float = 0.75, sigma: float = 0.3) -> torch.Tensor:
     """Gaussian over relative depth ``i / (layers - 1)``, peak 1."""
     if num_layers < 1:
         raise ValueError("num_layers must be >= 1")
@@ -29,8 +36,8 @@ def layer_scores(
     per_head: torch.Tensor,
     *,
     context_span: tuple[int, int],
-    weight: float = 0.5,
-    mu: float = 0.5,
+    weight: float = 0.0,
+    mu: float = 0.75,
     sigma: float = 0.3,
 ) -> torch.Tensor:
     """Score per layer from attention mass ``[layers, kv_heads, tokens]`` (see the module docstring)."""
@@ -55,8 +62,8 @@ def select_layers(
     *,
     fraction: float,
     context_span: tuple[int, int],
-    weight: float = 0.5,
-    mu: float = 0.5,
+    weight: float = 0.0,
+    mu: float = 0.75,
     sigma: float = 0.3,
 ) -> tuple[int, ...]:
     """Indices (ascending) of the ``ceil(fraction * layers)`` best-scoring layers."""

@@ -6,9 +6,16 @@ Grammar: a base, then ``+`` modifiers::
     kv-raw | kv-fp16 | kv-B | uniform-B                 uniform widths (B = 1..8), raw = model dtype
     adaptive-B                                          profiled widths at the SAME stored bits per value
                                                         as uniform-B (B + 32/G, scales counted)
-    modifiers: +tokens  +evict-K  +obf  +layers-F  +facts
+    modifiers: +tokens  +evict-K  +obf  +layers-F  +facts  +gN  +reread
 
-e.g. ``uniform-4+evict-0.25+obf``, ``adaptive-3+tokens+facts``.
+``+gN`` sets the quantization group size (default: the bench's ``--group-size``): every group stores an fp16
+scale and zero, ``32 / N`` bits per value, so ``uniform-2+g128`` stores 2.25 bits per value where
+``uniform-2`` stores 3. An adaptive base then targets ``B + 32 / N`` and needs a profile calibrated at ``N``.
+
+``+reread`` takes the attention statistics (eviction, token classes) from the sender re-reading the context
+(``qkv.prefill_reread``) instead of from the context's last ``window`` tokens.
+
+e.g. ``uniform-4+evict-0.25+obf``, ``adaptive-3+tokens+facts``, ``uniform-2+g128+evict-0.5``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from typing import Literal
 from qkv import Budget
 
 Kind = Literal["no-context", "text", "facts-only", "card"]
+#: Where a card condition's attention statistics come from (see the module docstring).
+Importance = Literal["window", "reread"]
 
 ISSUE2_CONDITIONS = ("no-context", "text", "kv-raw", "kv-fp16", "kv-8", "kv-4", "kv-3", "kv-2")
 
@@ -28,13 +37,21 @@ class Condition:
     name: str
     kind: Kind
     budget: Budget | None = None
+    importance: Importance = "window"
 
 
 def parse_condition(name: str, *, group_size: int = 32) -> Condition:
     if name in ("no-context", "text", "facts-only"):
         return Condition(name=name, kind=name)  # type: ignore[arg-type]
     base, *mods = name.split("+")
+    sizes = [mod for mod in mods if mod.startswith("g") and mod[1:].isdigit()]
+    if len(sizes) > 1:
+        raise ValueError(f"more than one group size in {name!r}")
+    if sizes:
+        group_size = int(sizes[0][1:])
+        mods.remove(sizes[0])
     fields: dict[str, object] = {"group_size": group_size}
+    importance: Importance = "window"
     if base == "kv-raw":
         fields["bits"] = 32
     elif base == "kv-fp16":
@@ -55,6 +72,8 @@ def parse_condition(name: str, *, group_size: int = 32) -> Condition:
             fields["obf"] = True
         elif mod == "facts":
             fields["facts"] = True
+        elif mod == "reread":
+            importance = "reread"
         elif mod.startswith("evict-"):
             fields["keep"] = float(mod.split("-", 1)[1])
         elif mod.startswith("layers-"):
@@ -65,4 +84,4 @@ def parse_condition(name: str, *, group_size: int = 32) -> Condition:
         budget = Budget(**fields)  # type: ignore[arg-type]
     except ValueError as exc:
         raise ValueError(f"condition {name!r}: {exc}") from exc
-    return Condition(name=name, kind="card", budget=budget)
+    return Condition(name=name, kind="card", budget=budget, importance=importance)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from nodes.bench.plots import rate_quality_plot
 from nodes.bench.table import format_table, write_json
 from qkv import (
     LoadedModel,
+    Observation,
     SensitivityProfile,
     answer_from_card,
     answer_logprobs,
@@ -38,6 +40,7 @@ from qkv import (
     needs_attention,
     observe,
 )
+from qkv._hf import prefill_reread  # not yet re-exported by qkv/__init__
 
 COLUMNS = (
     "dataset", "condition", "n", "f1", "em", "f1_vs_text", "same_as_text", "kl_vs_text",
@@ -82,6 +85,24 @@ def _target_ids(lm: LoadedModel, row: QARow) -> list[int]:
     return [int(i) for i in lm.tokenizer.encode(row.answers[0], add_special_tokens=False)]
 
 
+def _observe_reread(lm: LoadedModel, context: str) -> Observation:
+    """The sender's prefill with attention statistics from re-reading the context (``+reread``)."""
+    parts = lm.template.split(lm.tokenizer, context, "")
+    start = time.perf_counter()
+    snapshot, attn = prefill_reread(
+        lm,
+        parts.prefix_ids,
+        context_span=parts.context_token_span,
+        template_prefix_tokens=parts.template_prefix_tokens,
+    )
+    return Observation(
+        snapshot=snapshot,
+        attn=attn,
+        context_span=parts.context_token_span,
+        prefill_s=time.perf_counter() - start,
+    )
+
+
 def _run_row(
     lm: LoadedModel,
     row: QARow,
@@ -103,6 +124,9 @@ def _run_row(
     )
     plain_obs = observe(lm, row.context) if any(c.kind == "card" for c in conditions) else None
     attn_obs = observe(lm, row.context, window=window) if window is not None else None
+    reread_obs = (
+        _observe_reread(lm, row.context) if any(c.importance == "reread" for c in conditions) else None
+    )
     for cond in conditions:
         record: dict[str, Any] = {}
         if cond.kind == "text":
@@ -119,7 +143,10 @@ def _run_row(
             record["card_bytes"] = len(facts.encode()) if facts else 0
         else:
             assert cond.budget is not None
-            obs = attn_obs if needs_attention(cond.budget) else plain_obs
+            if not needs_attention(cond.budget):
+                obs = plain_obs
+            else:
+                obs = reread_obs if cond.importance == "reread" else attn_obs
             assert obs is not None
             enc = encode_observation(lm, obs, cond.budget, context=row.context, profile=profile)
             ans = answer_from_card(lm, enc.data, row.question, max_new_tokens=max_new_tokens)

@@ -1,4 +1,5 @@
-"""Layer selection on the receiver: unsent layers run over the receiver's own tokens only, causally.
+"""Layer selection on the receiver: unsent layers run over the receiver's own tokens only, causally, plus
+the receiver's own KV of the card's template tokens (the prompt head, identical on both sides).
 
 The reference (:func:`_reference_logits`) is a from-scratch forward of the tiny Llama written here: its own
 RoPE, explicit per-layer key sets and an explicit causal mask, using the model's modules only for the
@@ -20,7 +21,7 @@ from qkv._hf import (
     _attention_implementation,
     _forward,
     _injected_cache,
-    _Receiver,
+    _own_template_kv,
     answer_logprobs,
     build_cache,
     generate_from_snapshot,
@@ -47,6 +48,12 @@ def snapshot(tiny_lm, parts):
     return prefill(tiny_lm, parts.prefix_ids)
 
 
+@pytest.fixture(scope="module")
+def templated(tiny_lm, parts):
+    """The same prefill, knowing which leading tokens are the prompt template's head."""
+    return prefill(tiny_lm, parts.prefix_ids, template_prefix_tokens=parts.template_prefix_tokens)
+
+
 def _without(snapshot: KVSnapshot, unsent: set[int]) -> KVSnapshot:
     return dataclasses.replace(
         snapshot,
@@ -66,8 +73,14 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Ten
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
-def _reference_logits(lm, snapshot: KVSnapshot, own_ids: list[int]) -> torch.Tensor:
-    """Logits ``[len(own_ids), vocab]`` of the receiver's tokens; a ``None`` layer sees no context at all."""
+def _reference_logits(
+    lm, snapshot: KVSnapshot, own_ids: list[int], unsent_sees: KVSnapshot | None = None
+) -> torch.Tensor:
+    """Logits ``[len(own_ids), vocab]`` of the receiver's tokens.
+
+    A ``None`` layer sees no context at all, or, with ``unsent_sees``, that snapshot's KV of its first
+    ``snapshot.template_prefix_tokens`` tokens.
+    """
     model = lm.model
     config = model.config
     heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -83,6 +96,10 @@ def _reference_logits(lm, snapshot: KVSnapshot, own_ids: list[int]) -> torch.Ten
             k = _rotate(attn.k_proj(x).view(count, kv_heads, dim).transpose(0, 1), positions, theta)
             v = attn.v_proj(x).view(count, kv_heads, dim).transpose(0, 1)
             context_k, context_v = snapshot.keys[index], snapshot.values[index]
+            if context_k is None and unsent_sees is not None:
+                shared = snapshot.template_prefix_tokens
+                context_k = unsent_sees.keys[index][:, :shared]
+                context_v = unsent_sees.values[index][:, :shared]
             if context_k is not None and context_v is not None:
                 k = torch.cat([context_k, k], dim=1)
                 v = torch.cat([context_v, v], dim=1)
@@ -100,8 +117,8 @@ def _reference_logits(lm, snapshot: KVSnapshot, own_ids: list[int]) -> torch.Ten
     return logits
 
 
-def _reference_logprobs(lm, snapshot, suffix, target) -> torch.Tensor:
-    logits = _reference_logits(lm, snapshot, [*suffix, *target[:-1]])[len(suffix) - 1 :]
+def _reference_logprobs(lm, snapshot, suffix, target, unsent_sees=None) -> torch.Tensor:
+    logits = _reference_logits(lm, snapshot, [*suffix, *target[:-1]], unsent_sees)[len(suffix) - 1 :]
     return torch.log_softmax(logits, dim=-1)
 
 
@@ -165,6 +182,83 @@ def test_unsent_layers_with_evicted_tokens_keep_true_positions(tiny_lm, parts, s
     assert torch.allclose(ours, _reference_logprobs(tiny_lm, partial, parts.suffix_ids, TARGET), atol=1e-4)
 
 
+# ---------------------------------------------------------------- (b') the template's own KV in unsent layers
+
+
+def test_the_receivers_template_kv_is_the_senders(tiny_lm, templated):
+    shared = templated.template_prefix_tokens
+    own = _own_template_kv(tiny_lm, templated.positions[:shared])
+    for (k, v), sender_k, sender_v in zip(own, templated.keys, templated.values, strict=True):
+        torch.testing.assert_close(k, sender_k[:, :shared], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, sender_v[:, :shared], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("unsent", [{0}, {1}, {0, 2}, {0, 1, 2}])
+def test_unsent_layers_see_the_template_tokens(tiny_lm, parts, templated, unsent):
+    """The bug this catches: without the template, unsent layers had no attention sink at all."""
+    partial = _without(templated, unsent)
+    ours = answer_logprobs(tiny_lm, partial, parts.suffix_ids, TARGET)
+    reference = _reference_logprobs(tiny_lm, partial, parts.suffix_ids, TARGET, unsent_sees=templated)
+    bare = _reference_logprobs(tiny_lm, partial, parts.suffix_ids, TARGET)  # no template in those layers
+    assert torch.allclose(ours, reference, atol=1e-4)
+    assert (reference - bare).abs().max() > 1e-2
+
+
+def test_every_layer_unsent_equals_the_bare_prompt_at_the_cards_positions(tiny_lm, parts, templated):
+    """Independent of the reference: a plain model forward over template head + own tokens."""
+    shared = templated.template_prefix_tokens
+    ours = answer_logprobs(tiny_lm, _without(templated, {0, 1, 2}), parts.suffix_ids, TARGET)
+    own = [*parts.suffix_ids, *TARGET[:-1]]
+    ids = [*parts.prefix_ids[:shared], *own]
+    positions = torch.cat([torch.arange(shared), templated.next_position + torch.arange(len(own))])
+    with torch.no_grad():
+        logits = tiny_lm.model(input_ids=torch.tensor([ids]), position_ids=positions.unsqueeze(0)).logits[0]
+    reference = torch.log_softmax(logits[shared + len(parts.suffix_ids) - 1 :], dim=-1)
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_unsent_layers_use_only_the_template_tokens_the_card_kept(tiny_lm, parts, templated):
+    shared = templated.template_prefix_tokens
+    keep = torch.tensor([i for i in range(templated.num_tokens) if not (4 <= i < shared - 2 or 30 <= i < 50)])
+    evicted = dataclasses.replace(
+        templated,
+        keys=tuple(k[:, keep] for k in templated.keys if k is not None),
+        values=tuple(v[:, keep] for v in templated.values if v is not None),
+        positions=templated.positions[keep],
+        template_prefix_tokens=int((keep < shared).sum()),
+    )
+    partial = _without(evicted, {1})
+    ours = answer_logprobs(tiny_lm, partial, parts.suffix_ids, TARGET)
+    reference = _reference_logprobs(tiny_lm, partial, parts.suffix_ids, TARGET, unsent_sees=evicted)
+    assert torch.allclose(ours, reference, atol=1e-4)
+
+
+def test_generation_and_chunks_with_template_tokens_follow_the_reference(tiny_lm, parts, templated):
+    partial = _without(templated, {0, 2})
+    tokens = list(generate_from_snapshot(tiny_lm, partial, parts.suffix_ids, max_new_tokens=12).token_ids)
+    assert len(tokens) >= 4
+    reference = _reference_logits(tiny_lm, partial, [*parts.suffix_ids, *tokens[:-1]], templated)
+    assert reference[len(parts.suffix_ids) - 1 :].argmax(-1).tolist() == tokens
+    suffix = list(parts.suffix_ids)
+    positions = partial.next_position + torch.arange(len(suffix))
+    with _attention_implementation(tiny_lm.model, RECEIVER_ONLY_ATTENTION):
+        cache, receiver = _injected_cache(tiny_lm, partial)
+        _forward(tiny_lm, suffix[:5], positions[:5], cache, logits_to_keep=1, receiver=receiver)
+        rest = _forward(
+            tiny_lm, suffix[5:], positions[5:], cache, logits_to_keep=len(suffix) - 5, receiver=receiver
+        )
+    expected = _reference_logits(tiny_lm, partial, suffix, templated)[5:]
+    assert torch.allclose(rest, expected, atol=1e-4)
+
+
+def test_a_card_with_a_longer_template_than_the_receivers_is_refused(tiny_lm, parts, templated):
+    too_long = dataclasses.replace(
+        _without(templated, {1}), template_prefix_tokens=templated.template_prefix_tokens + 1
+    )
+    with pytest.raises(CardCompatError, match="another prompt template"):
+        answer_logprobs(tiny_lm, too_long, parts.suffix_ids, TARGET)
+
+
 # ------------------------------------------------------------------------------------------ (a) causality
 
 
@@ -187,8 +281,7 @@ def test_a_later_suffix_token_never_changes_the_first_suffix_logits(tiny_lm, par
     positions = snapshot.next_position + torch.arange(len(suffix))
     rows = []
     for ids in (suffix, edited):
-        cache, unsent = _injected_cache(tiny_lm, partial)
-        receiver = _Receiver(unsent=unsent, context_tokens=partial.num_tokens)
+        cache, receiver = _injected_cache(tiny_lm, partial)
         with _attention_implementation(tiny_lm.model, RECEIVER_ONLY_ATTENTION):
             rows.append(_forward(tiny_lm, ids, positions, cache, logits_to_keep=len(ids), receiver=receiver))
     assert torch.allclose(rows[0][:-1], rows[1][:-1], atol=1e-6, rtol=0)
@@ -202,10 +295,9 @@ def test_a_suffix_fed_in_chunks_equals_one_forward(tiny_lm, parts, snapshot):
     positions = snapshot.next_position + torch.arange(len(suffix))
     split = 5
     with _attention_implementation(tiny_lm.model, RECEIVER_ONLY_ATTENTION):
-        cache, unsent = _injected_cache(tiny_lm, partial)
-        receiver = _Receiver(unsent=unsent, context_tokens=partial.num_tokens)
+        cache, receiver = _injected_cache(tiny_lm, partial)
         whole = _forward(tiny_lm, suffix, positions, cache, logits_to_keep=len(suffix), receiver=receiver)
-        cache, _ = _injected_cache(tiny_lm, partial)
+        cache, receiver = _injected_cache(tiny_lm, partial)
         _forward(tiny_lm, suffix[:split], positions[:split], cache, logits_to_keep=1, receiver=receiver)
         rest = _forward(
             tiny_lm,
@@ -270,8 +362,7 @@ def test_attention_is_restored_when_generation_fails(tiny_lm, parts, snapshot):
 
 
 def test_unsent_layers_without_receiver_only_attention_are_an_error(tiny_lm, parts, snapshot):
-    cache, unsent = _injected_cache(tiny_lm, _without(snapshot, {1}))
-    receiver = _Receiver(unsent=unsent, context_tokens=snapshot.num_tokens)
+    cache, receiver = _injected_cache(tiny_lm, _without(snapshot, {1}))
     positions = snapshot.next_position + torch.arange(len(parts.suffix_ids))
     with pytest.raises(RuntimeError, match="receiver-only attention"):
         _forward(tiny_lm, parts.suffix_ids, positions, cache, logits_to_keep=1, receiver=receiver)
