@@ -5,6 +5,9 @@ Sender: ``encode_context(lm, context, Budget(...))`` prefills a context and writ
 the question's tokens. Split hand-off: ``encode_split(..., head_tokens=h)`` writes a card holding the KV of
 the tokens after the first ``h`` and the ids of those ``h``; the receiver prefills that head itself
 (``prefill_head``, possibly while the card is in flight) and answers with ``answer_from_card(..., head=)``.
+Another model: ``encode_context(..., translate=calibration, translate_at="receiver"|"sender")`` names the
+``CrossModelCalibration`` in the card; ``answer_from_card(..., calibrations=[...])`` translates it or
+refuses with a ``CardCompatError`` naming the calibration it lacks.
 Lower-level pieces (quantization plan, card codec, eviction, allocation, facts) are exported for benchmarks
 and tools. Imports torch and transformers; never zmq or asyncio.
 """
@@ -23,7 +26,11 @@ from ._calibrate import (
 from ._card import CardInfo, CardMeta, DecodedCard, EncodingPlan, decode_card, encode_card, read_card_info
 from ._crossmodel import (
     CrossModelCalibration,
+    CrossModelRecord,
+    TranslateAt,
     calibrate_pair,
+    crossmodel_record,
+    join_receiver_head,
     receiver_suffix_ids,
     require_calibration,
     translate_snapshot,
@@ -54,6 +61,7 @@ from ._hf import (
     generate_from_text,
     prefill,
     prefill_observed,
+    prefill_reread,
 )
 from ._importance import (
     attention_mass_by_class,
@@ -80,13 +88,16 @@ from ._pipeline import (
     CardAnswer,
     EncodedContext,
     Observation,
+    ReceivedCard,
     answer_from_card,
     answer_from_text,
+    calibration_for_card,
     encode_context,
     encode_observation,
     encode_split,
     needs_attention,
     observe,
+    receive_card,
 )
 from ._prompt import PromptParts, PromptTemplate
 from ._split import SplitHead, attach_head, prefill_head, split_head, tail_observation
@@ -108,6 +119,7 @@ __all__ = [
     "CardMeta",
     "CatalogueEntry",
     "CrossModelCalibration",
+    "CrossModelRecord",
     "DecodedCard",
     "EncodedContext",
     "EncodingPlan",
@@ -124,10 +136,12 @@ __all__ = [
     "PromptParts",
     "PromptTemplate",
     "QkvError",
+    "ReceivedCard",
     "SensitivityProfile",
     "SplitHead",
     "StoreSpaceError",
     "StoredModel",
+    "TranslateAt",
     "UnknownModelError",
     "allocate_bits",
     "answer_from_card",
@@ -137,8 +151,10 @@ __all__ = [
     "attention_mass_by_class",
     "build_cache",
     "calibrate_pair",
+    "calibration_for_card",
     "card_roundtrip",
     "class_bits_for_budget",
+    "crossmodel_record",
     "decode_card",
     "default_profile",
     "encode_card",
@@ -152,6 +168,7 @@ __all__ = [
     "generate_from_snapshot",
     "generate_from_text",
     "head_importance",
+    "join_receiver_head",
     "layer_scores",
     "list_models",
     "load_model",
@@ -164,11 +181,13 @@ __all__ = [
     "prefill",
     "prefill_head",
     "prefill_observed",
+    "prefill_reread",
     "profile_filename",
     "profile_sensitivity",
     "profiles_dir",
     "pull_model",
     "read_card_info",
+    "receive_card",
     "receiver_suffix_ids",
     "require_calibration",
     "select_layers",

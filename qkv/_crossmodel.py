@@ -38,7 +38,13 @@ Prompt layout at use: B's own template head (BOS, instruction) is prefilled nati
 (:func:`attach_receiver_head`); translated slots follow at B positions ``head_B + (p - head_A)`` for a sender
 position ``p`` (gaps left by eviction are kept); A's template tail is dropped and B prefills its own tail
 with the question (:func:`receiver_suffix_ids`). The sender's template tail is identified by position: the
-last ``tail_tokens`` positions before ``snapshot.next_position``.
+last ``tail_tokens`` positions before ``snapshot.next_position`` (so eviction must keep them). Template head
+tokens are those below ``head_A``; eviction may have dropped some of them.
+
+On cards (``qkv.encode_context(..., translate=)``, ``qkv.answer_from_card(..., calibrations=)``): a
+:class:`CrossModelRecord` in the card's metadata names the calibration per receiver model, and whether the
+KV was translated at the sender (the card is then in B's KV space, context only) or is to be translated at
+the receiver (the card is an ordinary card of A). ``docs/cachecard.md`` specifies the record.
 
 Artifact (``save``/``load``): a safetensors file (tensors ``layer.<r>.weight`` ``[features, 2*kv_heads*
 head_dim]``, ``layer.<r>.bias``, ``layer.<r>.mean``, ``sender.rope.<l>``, ``receiver.rope.<r>``; float32)
@@ -58,13 +64,14 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from ._errors import CalibrationError, CardCompatError
+from ._card import MAX_TOKENS
+from ._errors import CalibrationError, CardCompatError, CardFormatError
 from ._hf import prefill
 from ._kv import KVSnapshot, ModelFingerprint
 from ._modelstore import LoadedModel
@@ -74,16 +81,22 @@ __all__ = [
     "ALIGNMENT_RULE",
     "ARTIFACT_FORMAT",
     "ARTIFACT_VERSION",
+    "CROSSMODEL_KEY",
     "EXTRA_CALIBRATION_KEY",
+    "MAX_TARGETS",
     "CrossModelCalibration",
+    "CrossModelRecord",
     "FitQuality",
     "LayerFit",
     "LayerMapKind",
     "ModelSide",
+    "TranslateAt",
     "align_tokens",
     "attach_receiver_head",
     "calibrate_pair",
+    "crossmodel_record",
     "depth_layer_map",
+    "join_receiver_head",
     "linear_cka",
     "receiver_suffix_ids",
     "require_calibration",
@@ -863,12 +876,12 @@ def translate_snapshot(
     fingerprint = receiver.fingerprint if isinstance(receiver, LoadedModel) else receiver
     _require_pair(calibration, snapshot.fingerprint, fingerprint)
     sender = calibration.sender
-    if snapshot.template_prefix_tokens != sender.head_tokens:
+    positions = snapshot.positions.to("cpu", torch.int64)
+    if not _template_head_matches(positions, snapshot.template_prefix_tokens, sender.head_tokens):
         raise CardCompatError(
             f"{calibration.describe()}: the card's template prefix has {snapshot.template_prefix_tokens} "
             f"tokens, the calibration was fitted with {sender.head_tokens} ({sender.template} template)"
         )
-    positions = snapshot.positions.to(torch.int64)
     context_end = snapshot.next_position - sender.tail_tokens
     keep = torch.nonzero((positions >= sender.head_tokens) & (positions < context_end)).flatten()
     if keep.numel() == 0:
@@ -901,6 +914,21 @@ def translate_snapshot(
     if isinstance(receiver, LoadedModel):
         return attach_receiver_head(receiver, translated, calibration)
     return translated
+
+
+def _template_head_matches(positions: torch.Tensor, template_tokens: int, head_tokens: int) -> bool:
+    """Whether the snapshot's template tokens are exactly those at positions below ``head_tokens``.
+
+    Without eviction that is ``template_tokens == head_tokens``; after eviction (which may drop template
+    tokens, and counts only the kept ones) the kept template tokens must sit below ``head_tokens`` and the
+    first context token at or above it, so a card made with another template is still refused.
+    """
+    count = int(positions.shape[0])
+    if not 0 <= template_tokens <= count:
+        return False
+    if template_tokens and int(positions[template_tokens - 1]) >= head_tokens:
+        return False
+    return template_tokens == count or int(positions[template_tokens]) >= head_tokens
 
 
 def _require_pair(
@@ -936,34 +964,175 @@ def attach_receiver_head(
     lm: LoadedModel, translated: KVSnapshot, calibration: CrossModelCalibration
 ) -> KVSnapshot:
     """Prepend the receiver's own template head (prefilled natively) to a translated context snapshot."""
-    head_ids = _receiver_head_ids(lm)
-    if len(head_ids) != calibration.receiver.head_tokens:
-        raise CardCompatError(
-            f"{calibration.describe()}: this receiver's template head has {len(head_ids)} tokens, the "
-            f"calibration was fitted with {calibration.receiver.head_tokens}"
-        )
-    if translated.num_tokens and int(translated.positions[0]) < len(head_ids):
-        raise ValueError("translated positions overlap the receiver's template head")
-    head = prefill(lm, head_ids)
-    keys = tuple(_cat(h, t) for h, t in zip(head.keys, translated.keys, strict=True))
-    values = tuple(_cat(h, t) for h, t in zip(head.values, translated.values, strict=True))
-    return KVSnapshot(
-        keys=keys,
-        values=values,
-        positions=torch.cat([head.positions, translated.positions.to(torch.int64)]),
-        fingerprint=lm.fingerprint,
-        template_prefix_tokens=len(head_ids),
-        extra=dict(translated.extra),
+    return join_receiver_head(
+        lm, translated, head_tokens=calibration.receiver.head_tokens, what=calibration.describe()
     )
 
 
-def _cat(head: torch.Tensor | None, tail: torch.Tensor | None) -> torch.Tensor:
-    if head is None or tail is None:
-        raise CardCompatError("a translated snapshot must hold every receiver layer")
-    return torch.cat([head.to("cpu", torch.float32), tail.to("cpu", torch.float32)], dim=1)
+def join_receiver_head(
+    lm: LoadedModel, translated: KVSnapshot, *, head_tokens: int, what: str = "translated card"
+) -> KVSnapshot:
+    """This receiver's template head, prefilled here, followed by translated context KV (no template).
+
+    ``head_tokens`` is the head length the translation assumed (the calibration's, or the card's record
+    for a card translated at its sender); a receiver whose template head has another length, or translated
+    KV that starts inside the head, is a :class:`CardCompatError` naming ``what``. ``extra`` is the
+    translated snapshot's.
+    """
+    head_ids = _receiver_head_ids(lm)
+    if len(head_ids) != head_tokens:
+        raise CardCompatError(
+            f"{what}: this receiver's template head has {len(head_ids)} tokens, the translation assumed "
+            f"{head_tokens} (another prompt template)"
+        )
+    if translated.template_prefix_tokens:
+        raise CardCompatError(f"{what}: translated KV must hold context tokens only, not template tokens")
+    if translated.num_tokens and int(translated.positions[0]) < len(head_ids):
+        raise CardCompatError(
+            f"{what}: translated KV starts at position {int(translated.positions[0])}, inside the receiver's "
+            f"{len(head_ids)}-token template head"
+        )
+    if not head_ids:
+        return translated
+    joined = prefill(lm, head_ids, template_prefix_tokens=len(head_ids)).followed_by(translated)
+    return replace(joined, extra=dict(translated.extra))
 
 
 def receiver_suffix_ids(lm: LoadedModel, question: str, *, facts: str | None = None) -> tuple[int, ...]:
     """What the receiver prefills after a translated snapshot: its own template tail, then the question."""
     parts = lm.template.split(lm.tokenizer, "", question, facts=facts)
     return parts.prefix_ids[parts.context_token_span[1] :] + parts.suffix_ids
+
+
+# ------------------------------------------------------------------------------------------ card record
+
+#: Key of the cross-model record in ``CardMeta.extra`` (see :class:`CrossModelRecord`).
+CROSSMODEL_KEY = "crossmodel"
+#: Receivers one card may name (a reader publishing to a topic read by several kinds of model).
+MAX_TARGETS = 64
+#: Where a card's KV is translated: ``"receiver"`` (the card holds the sender's KV) or ``"sender"``.
+TranslateAt = Literal["receiver", "sender"]
+_TRANSLATE_AT: tuple[TranslateAt, ...] = ("receiver", "sender")
+_ID_CHARS = 16  # fingerprint digests and calibration ids: 16 lowercase hex digits
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrossModelRecord:
+    """What a card says about cross-model translation: ``CardMeta.extra["crossmodel"]``, digest-covered.
+
+    * ``at="receiver"``: the card is an ordinary card of the sender's model (``sender``, a fingerprint
+      digest; a receiver of that model reads it as usual). ``targets`` maps each receiver model's
+      fingerprint digest to the id of the :class:`CrossModelCalibration` it must translate the card with.
+    * ``at="sender"``: the card's KV was translated before encoding; its fingerprint is the one target's
+      receiver. It holds the context only, from position ``receiver_head_tokens`` on: the receiver prefills
+      its own template head of that many tokens (:func:`join_receiver_head`) and its own template tail with
+      the question (:func:`receiver_suffix_ids`). ``sender`` and the calibration id say where it came from;
+      the receiver needs no calibration.
+
+    :meth:`from_meta` parses untrusted input (:class:`~qkv._errors.CardFormatError` on anything malformed).
+    """
+
+    at: TranslateAt
+    sender: str
+    targets: tuple[tuple[str, str], ...]  # (receiver fingerprint digest, calibration id), receivers distinct
+    receiver_head_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.at not in _TRANSLATE_AT:
+            raise ValueError(f"at must be 'receiver' or 'sender', got {self.at!r}")
+        names = [self.sender, *(part for target in self.targets for part in target)]
+        if not all(_is_id(name) for name in names):
+            raise ValueError(f"digests and calibration ids are {_ID_CHARS} lowercase hex digits")
+        if not 1 <= len(self.targets) <= MAX_TARGETS or any(len(t) != 2 for t in self.targets):
+            raise ValueError(f"a record names 1..{MAX_TARGETS} (receiver, calibration) targets")
+        if len({receiver for receiver, _ in self.targets}) != len(self.targets):
+            raise ValueError("a record names each receiver model once")
+        head = self.receiver_head_tokens
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head <= MAX_TOKENS:
+            raise ValueError(f"receiver_head_tokens must be an int in 0..{MAX_TOKENS}, got {head!r}")
+        if self.at == "sender" and len(self.targets) != 1:
+            raise ValueError("a card translated at its sender is for exactly one receiver model")
+        if self.at == "receiver" and head:
+            raise ValueError("receiver_head_tokens belongs to cards translated at the sender")
+
+    @classmethod
+    def for_calibrations(
+        cls, calibrations: Sequence[CrossModelCalibration], *, at: TranslateAt
+    ) -> CrossModelRecord:
+        """The record a sender writes for ``calibrations`` (all from one sender model)."""
+        if not calibrations:
+            raise ValueError("no calibration to name")
+        senders = {c.sender.fingerprint.digest for c in calibrations}
+        if len(senders) != 1:
+            raise ValueError(f"calibrations from several sender models: {sorted(senders)}")
+        return cls(
+            at=at,
+            sender=senders.pop(),
+            targets=tuple((c.receiver.fingerprint.digest, c.id) for c in calibrations),
+            receiver_head_tokens=calibrations[0].receiver.head_tokens if at == "sender" else 0,
+        )
+
+    def calibration_for(self, receiver: ModelFingerprint) -> str | None:
+        """The calibration id the card names for ``receiver``, or ``None``."""
+        return next((cal for digest, cal in self.targets if digest == receiver.digest), None)
+
+    def to_meta(self) -> dict[str, Any]:
+        """msgpack-safe form, as stored in the card's metadata."""
+        meta: dict[str, Any] = {
+            "at": self.at,
+            "sender": self.sender,
+            "targets": [{"receiver": receiver, "calibration": cal} for receiver, cal in self.targets],
+        }
+        if self.at == "sender":
+            meta["receiver_head_tokens"] = self.receiver_head_tokens
+        return meta
+
+    @classmethod
+    def from_meta(cls, value: object) -> CrossModelRecord:
+        """Parse :meth:`to_meta`'s form from untrusted input; unknown keys are ignored (later minors)."""
+        where = f"card metadata: extra.{CROSSMODEL_KEY}"
+        if not isinstance(value, Mapping):
+            raise CardFormatError(f"{where} must be a map")
+        targets = value.get("targets")
+        if not isinstance(targets, list | tuple) or not 1 <= len(targets) <= MAX_TARGETS:
+            raise CardFormatError(f"{where}.targets must be a list of 1..{MAX_TARGETS} maps")
+        if not all(isinstance(t, Mapping) for t in targets):
+            raise CardFormatError(f"{where}.targets must hold maps {{receiver, calibration}}")
+        try:
+            return cls(
+                at=value.get("at"),  # type: ignore[arg-type]  # checked in __post_init__
+                sender=value.get("sender"),  # type: ignore[arg-type]
+                targets=tuple((t.get("receiver"), t.get("calibration")) for t in targets),
+                receiver_head_tokens=value.get("receiver_head_tokens", 0),
+            )
+        except ValueError as exc:
+            raise CardFormatError(f"{where}: {exc}") from exc
+
+    def check_card(self, fingerprint: ModelFingerprint, *, template_prefix_tokens: int) -> None:
+        """Raise :class:`CardFormatError` when the record contradicts the card that carries it."""
+        where = f"card metadata: extra.{CROSSMODEL_KEY}"
+        if self.at == "receiver" and self.sender != fingerprint.digest:
+            raise CardFormatError(
+                f"{where} names sender {self.sender}, but the card's KV is of {fingerprint.architecture} "
+                f"({fingerprint.digest})"
+            )
+        if self.at == "sender":
+            receiver = self.targets[0][0]
+            if receiver != fingerprint.digest:
+                raise CardFormatError(
+                    f"{where} says the KV was translated for {receiver}, but the card's fingerprint is "
+                    f"{fingerprint.architecture} ({fingerprint.digest})"
+                )
+            if template_prefix_tokens:
+                raise CardFormatError(f"{where}: a card translated at its sender holds no template tokens")
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, str) and len(value) == _ID_CHARS and set(value) <= _HEX
+
+
+def crossmodel_record(meta_extra: Mapping[str, Any]) -> CrossModelRecord | None:
+    """The cross-model record of a card's ``CardMeta.extra``, or ``None`` for an ordinary card."""
+    value = meta_extra.get(CROSSMODEL_KEY)
+    return None if value is None else CrossModelRecord.from_meta(value)

@@ -7,6 +7,13 @@ verifies and decodes the card against its own model fingerprint and generates fr
 question tokens; it never sees the context text. A split card (:func:`encode_split`, ``qkv._split``) holds
 only the KV of the context's tail and the head's token ids; the receiver prefills the head itself.
 
+Cross-model (``qkv._crossmodel``): ``encode_context(..., translate=calibration)`` writes a card that names
+the calibration a receiver of another model must translate it with (``translate_at="receiver"``: the card
+stays an ordinary card of the sender's model), or one already translated into the receiver's KV space
+(``translate_at="sender"``). :func:`receive_card` (used by :func:`answer_from_card`, ``calibrations=``)
+turns either into a snapshot for the receiver's model, or refuses with a CardCompatError naming what is
+missing.
+
 Honest accounting: ``fp16_bytes`` is the fp16 size of the *whole* context's KV before any eviction or layer
 selection, so ``fp16_bytes / card_bytes`` is the compression a receiver actually gets over sending the cache.
 """
@@ -24,13 +31,24 @@ import torch
 from ._allocate import SensitivityProfile
 from ._budget import Budget
 from ._calibrate import default_profile
-from ._card import CardMeta, DecodedCard, EncodingPlan, decode_card, encode_card, read_card_info
-from ._errors import CalibrationError, CardCompatError
+from ._card import CardInfo, CardMeta, DecodedCard, EncodingPlan, decode_card, encode_card, read_card_info
+from ._crossmodel import (
+    CROSSMODEL_KEY,
+    CrossModelCalibration,
+    CrossModelRecord,
+    TranslateAt,
+    crossmodel_record,
+    join_receiver_head,
+    receiver_suffix_ids,
+    require_calibration,
+    translate_snapshot,
+)
+from ._errors import CalibrationError, CardCompatError, CardFormatError
 from ._evict import evict
 from ._facts import extract_facts
 from ._hf import Generation, generate_from_snapshot, generate_from_text, prefill, prefill_observed
 from ._importance import attention_mass_by_class, class_bits_for_budget, head_importance, token_classes
-from ._kv import KVSnapshot
+from ._kv import KVSnapshot, ModelFingerprint
 from ._layers import select_layers
 from ._modelstore import LoadedModel
 from ._split import SPLIT_HEAD_KEY, SplitHead, attach_head, prefill_head, split_head, tail_observation
@@ -72,8 +90,10 @@ class CardAnswer:
     generation: Generation
     decode_s: float
     card: DecodedCard
-    # Split card: prefilling the head here (when none was given) and joining it to the card's tail.
+    # Prefilling a head here (a split card's, when none was given; a translated card's template head).
     head_s: float = 0.0
+    translate_s: float = 0.0  # a card of another model, translated here
+    calibration_id: str | None = None  # the calibration that translated the card (here or at the sender)
 
     @property
     def text(self) -> str:
@@ -81,7 +101,7 @@ class CardAnswer:
 
     @property
     def ttft_s(self) -> float:
-        return self.decode_s + self.head_s + self.generation.ttft_s
+        return self.decode_s + self.head_s + self.translate_s + self.generation.ttft_s
 
 
 def _layer_widths(
@@ -179,11 +199,20 @@ def encode_context(
     *,
     sender: str = "",
     profile: SensitivityProfile | None = None,
+    translate: CrossModelCalibration | Sequence[CrossModelCalibration] = (),
+    translate_at: TranslateAt = "receiver",
 ) -> EncodedContext:
-    """Prefill ``context`` with ``lm`` and write one CacheCard under ``budget``."""
+    """Prefill ``context`` with ``lm`` and write one CacheCard under ``budget``.
+
+    With ``translate`` (calibrations from ``lm`` to other models) the card is for those models too: see
+    :func:`encode_observation`.
+    """
     budget = budget or Budget()
     obs = observe(lm, context, window=budget.window if needs_attention(budget) else None)
-    return encode_observation(lm, obs, budget, context=context, sender=sender, profile=profile)
+    return encode_observation(
+        lm, obs, budget, context=context, sender=sender, profile=profile, translate=translate,
+        translate_at=translate_at,
+    )  # fmt: skip
 
 
 def encode_observation(
@@ -195,36 +224,37 @@ def encode_observation(
     sender: str = "",
     profile: SensitivityProfile | None = None,
     extra: Mapping[str, Any] | None = None,
+    translate: CrossModelCalibration | Sequence[CrossModelCalibration] = (),
+    translate_at: TranslateAt = "receiver",
 ) -> EncodedContext:
     """Apply ``budget`` to an observed prefill and write the card (``context`` feeds fact extraction).
 
     ``extra`` adds keys to the card's ``CardMeta.extra`` (overriding the defaults of the same name).
+
+    Cross-model (``translate``: calibrations from ``lm`` to other models, see ``qkv._crossmodel``):
+    ``translate_at="receiver"`` writes an ordinary card of ``lm`` whose metadata names, per receiver model,
+    the calibration to translate it with (any number of receivers); ``translate_at="sender"`` translates the
+    (evicted) context KV with the one calibration given and writes a card in the receiver's KV space,
+    context only, uniform width ``budget.bits``. Both refuse layer selection and an eviction window
+    shorter than the template tail (ValueError), and a calibration of another sender model or template
+    (CalibrationError); at the sender, adaptive and token-mixed widths are refused (they are measured on the
+    sender's model).
     """
+    calibrations = (translate,) if isinstance(translate, CrossModelCalibration) else tuple(translate)
+    if calibrations:
+        _check_translation(lm, obs, budget, calibrations, translate_at)
+        record = CrossModelRecord.for_calibrations(calibrations, at=translate_at)
+        if translate_at == "sender":
+            calibration = calibrations[0]
+            return _encode_translated(lm, obs, budget, calibration, record, context=context, sender=sender)
+        extra = {CROSSMODEL_KEY: record.to_meta(), **(extra or {})}
     if needs_attention(budget) and obs.attn is None:
         raise ValueError("this budget needs window attention: observe(..., window=budget.window)")
     start = time.perf_counter()
-    snapshot = obs.snapshot
-    context_tokens = snapshot.num_tokens
-    fp16_bytes = snapshot.fp16_bytes()
-    num_layers = snapshot.num_layers
-    per_head: torch.Tensor | None = None
-    if obs.attn is not None and needs_attention(budget):
-        # [layers, kv_heads, tokens]
-        per_head = head_importance(obs.attn, num_kv_heads=lm.fingerprint.num_kv_heads)
-
-    if budget.keep < 1.0 and per_head is not None:
-        snapshot = evict(
-            snapshot,
-            per_head,
-            keep=budget.keep,
-            sinks=budget.sinks,
-            window=budget.window,
-            obf=budget.obf,
-            obf_rank=budget.obf_rank,
-        )
-        # The statistics' columns are the observed tokens, in position order: find the kept ones by position
-        # (a split card's tail starts at its head's length, not at 0).
-        per_head = per_head[:, :, torch.searchsorted(obs.snapshot.positions, snapshot.positions)]
+    context_tokens = obs.snapshot.num_tokens
+    fp16_bytes = obs.snapshot.fp16_bytes()
+    num_layers = obs.snapshot.num_layers
+    snapshot, per_head = _evicted(lm, obs, budget)
 
     sent: tuple[int, ...] = tuple(range(num_layers))
     if budget.layers < 1.0 and per_head is not None:
@@ -258,18 +288,12 @@ def encode_observation(
         class_key_bits=class_key_bits,
         class_value_bits=class_value_bits,
     )
-    facts = extract_facts(context).to_text() if budget.facts else ""
-    meta = CardMeta(
+    meta = _card_meta(
+        budget,
+        context=context,
         sender=sender,
-        created=time.time(),
-        facts=facts,
-        budget=budget.to_dict(),
-        extra={
-            "context_tokens": context_tokens,
-            "fp16_bytes": fp16_bytes,
-            "layers_sent": list(sent),
-            **(extra or {}),
-        },
+        extra={"context_tokens": context_tokens, "fp16_bytes": fp16_bytes, "layers_sent": list(sent)},
+        more=extra,
     )
     data = encode_card(snapshot, plan, meta=meta)
     encode_s = time.perf_counter() - start
@@ -281,9 +305,130 @@ def encode_observation(
         card_tokens=snapshot.num_tokens,
         layers_sent=len(sent),
         fp16_bytes=fp16_bytes,
-        facts=facts,
+        facts=meta.facts,
         prefill_s=obs.prefill_s,
         encode_s=encode_s,
+    )
+
+
+def _evicted(lm: LoadedModel, obs: Observation, budget: Budget) -> tuple[KVSnapshot, torch.Tensor | None]:
+    """The observed snapshot after the budget's token eviction, and per-head importance of the kept tokens.
+
+    Importance (``[layers, kv_heads, tokens]``) is ``None`` when the budget uses no attention statistics.
+    """
+    snapshot = obs.snapshot
+    if obs.attn is None or not needs_attention(budget):
+        return snapshot, None
+    per_head = head_importance(obs.attn, num_kv_heads=lm.fingerprint.num_kv_heads)
+    if budget.keep < 1.0:
+        snapshot = evict(
+            snapshot,
+            per_head,
+            keep=budget.keep,
+            sinks=budget.sinks,
+            window=budget.window,
+            obf=budget.obf,
+            obf_rank=budget.obf_rank,
+        )
+        # The statistics' columns are the observed tokens, in position order: find the kept ones by position
+        # (a split card's tail starts at its head's length, not at 0).
+        per_head = per_head[:, :, torch.searchsorted(obs.snapshot.positions, snapshot.positions)]
+    return snapshot, per_head
+
+
+def _card_meta(
+    budget: Budget,
+    *,
+    context: str,
+    sender: str,
+    extra: Mapping[str, Any],
+    more: Mapping[str, Any] | None = None,
+) -> CardMeta:
+    return CardMeta(
+        sender=sender,
+        created=time.time(),
+        facts=extract_facts(context).to_text() if budget.facts else "",
+        budget=budget.to_dict(),
+        extra={**extra, **(more or {})},
+    )
+
+
+def _check_translation(
+    lm: LoadedModel,
+    obs: Observation,
+    budget: Budget,
+    calibrations: Sequence[CrossModelCalibration],
+    translate_at: TranslateAt,
+) -> None:
+    """Refuse, before any work, a translated card the receivers could not use (see encode_observation)."""
+    if translate_at not in ("receiver", "sender"):
+        raise ValueError(f"translate_at must be 'receiver' or 'sender', got {translate_at!r}")
+    if translate_at == "sender" and len(calibrations) != 1:
+        raise ValueError(f"a card translated at the sender is for one receiver, got {len(calibrations)}")
+    if translate_at == "sender" and (budget.adaptive or budget.token_mixed):
+        raise ValueError("a card translated at the sender takes a uniform width (adaptive/token_mixed off)")
+    if budget.layers < 1.0:
+        raise ValueError("a translated card needs every layer: no layer selection (budget.layers < 1)")
+    head, end = obs.context_span[0], obs.context_span[1]
+    tail = obs.snapshot.num_tokens - end
+    for calibration in calibrations:
+        side = calibration.sender
+        if side.fingerprint != lm.fingerprint:
+            raise CalibrationError(f"{calibration.describe()} is not for this sender model, {lm.name}")
+        if (side.head_tokens, side.tail_tokens) != (head, tail):
+            raise CalibrationError(
+                f"{calibration.describe()} was fitted with {side.head_tokens} template tokens before the "
+                f"context and {side.tail_tokens} after ({side.template}); this prompt has {head} and {tail}"
+            )
+        if budget.keep < 1.0 and budget.window < tail:
+            raise ValueError(
+                f"eviction must keep the {tail}-token template tail (budget.window >= {tail}): the receiver "
+                "finds the context's end from it"
+            )
+
+
+def _encode_translated(
+    lm: LoadedModel,
+    obs: Observation,
+    budget: Budget,
+    calibration: CrossModelCalibration,
+    record: CrossModelRecord,
+    *,
+    context: str,
+    sender: str,
+) -> EncodedContext:
+    """A card translated at the sender: the evicted context KV mapped into the receiver's KV space."""
+    if needs_attention(budget) and obs.attn is None:
+        raise ValueError("this budget needs window attention: observe(..., window=budget.window)")
+    start = time.perf_counter()
+    snapshot, _ = _evicted(lm, obs, budget)
+    receiver = calibration.receiver.fingerprint
+    translated = translate_snapshot(snapshot, calibration, receiver)
+    plan = EncodingPlan.uniform(receiver.num_layers, int(budget.bits), group_size=budget.group_size)
+    # fp16_bytes stays the sender's whole prompt (what it prefilled), as for every card.
+    meta = _card_meta(
+        budget,
+        context=context,
+        sender=sender,
+        extra={
+            "context_tokens": obs.snapshot.num_tokens,
+            "fp16_bytes": obs.snapshot.fp16_bytes(),
+            "layers_sent": list(range(receiver.num_layers)),
+            CROSSMODEL_KEY: record.to_meta(),
+        },
+    )
+    data = encode_card(translated, plan, meta=meta)
+    return EncodedContext(
+        data=data,
+        card_id=read_card_info(data).card_id,
+        budget=budget,
+        context_tokens=obs.snapshot.num_tokens,
+        card_tokens=translated.num_tokens,
+        layers_sent=receiver.num_layers,
+        fp16_bytes=obs.snapshot.fp16_bytes(),
+        facts=meta.facts,
+        prefill_s=obs.prefill_s,
+        encode_s=time.perf_counter() - start,
     )
 
 
@@ -326,23 +471,74 @@ def encode_split(
     return replace(encoded, context_tokens=context_tokens, fp16_bytes=fp16_bytes, head=head)
 
 
-def answer_from_card(
+@dataclass(frozen=True, kw_only=True)
+class ReceivedCard:
+    """A card made ready for the receiver's model: verified, decoded, joined with its head, translated.
+
+    ``snapshot`` is injected as it is; a translated one (here, or at the sender) holds this receiver's own
+    template head and the context, but not its template tail: :meth:`suffix_ids` adds it.
+    """
+
+    card: DecodedCard
+    snapshot: KVSnapshot
+    calibration_id: str | None = None  # the calibration that translated the KV, here or at the sender
+    decode_s: float = 0.0
+    head_s: float = 0.0  # prefilling a head here (split card; template head of a translated card)
+    translate_s: float = 0.0
+
+    @property
+    def translated(self) -> bool:
+        return self.calibration_id is not None
+
+    def suffix_ids(self, lm: LoadedModel, question: str, *, facts: str | None = None) -> tuple[int, ...]:
+        """The tokens the receiver prefills after ``snapshot`` to ask ``question``."""
+        if self.translated:
+            return receiver_suffix_ids(lm, question, facts=facts)
+        return lm.template.split(lm.tokenizer, "", question, facts=facts).suffix_ids
+
+
+def receive_card(
     lm: LoadedModel,
     data: bytes | memoryview,
-    question: str,
     *,
-    max_new_tokens: int = 24,
-    use_facts: bool = True,
+    calibrations: Sequence[CrossModelCalibration] = (),
     head: KVSnapshot | None = None,
-) -> CardAnswer:
-    """Verify and decode ``data`` for ``lm`` (CardError if not for this model), then answer ``question``.
+) -> ReceivedCard:
+    """Verify and decode ``data`` for ``lm``; join a split card's head; translate another model's card.
 
-    A split card is joined with ``head`` (from :func:`~qkv._split.prefill_head` of the card's head; a head
-    of other tokens or length is a CardCompatError); without one, the head is prefilled here first.
+    * A card of this model decodes as it is (a split card is joined with ``head``, or with its head
+      prefilled here; a head of other tokens or length is a CardCompatError).
+    * A card of another model whose record names a calibration to this model (translate at receiver) is
+      decoded against its own fingerprint and translated with that calibration, taken from
+      ``calibrations``; without it, :class:`CardCompatError` naming the calibration id and both models.
+    * A card translated at its sender into this model's KV space is joined with this receiver's own
+      template head (no calibration needed).
+
+    Any other card of another model is a CardCompatError; a malformed record a CardFormatError. A missing
+    calibration is refused before the payload is hashed or decoded.
     """
+    info = read_card_info(data)  # structure only: decode_card below verifies the digest
+    record = _checked_record(info)
+    if record is not None and head is not None:
+        raise CardCompatError("a head was given, but the card is a cross-model card, not a split card")
+    if record is not None and record.at == "receiver" and info.fingerprint != lm.fingerprint:
+        calibration = _named_calibration(info, record, lm.fingerprint, calibrations)
+        return _translate_here(lm, data, calibration)
     start = time.perf_counter()
     card = decode_card(data, expect=lm.fingerprint, device=lm.device, dtype=_model_dtype(lm))
     decode_s = time.perf_counter() - start
+    if record is not None and record.at == "sender":
+        start = time.perf_counter()
+        snapshot = join_receiver_head(
+            lm, card.snapshot, head_tokens=record.receiver_head_tokens, what=f"card {info.card_id}"
+        )
+        return ReceivedCard(
+            card=card,
+            snapshot=snapshot,
+            calibration_id=record.targets[0][1],
+            decode_s=decode_s,
+            head_s=time.perf_counter() - start,
+        )
     snapshot, head_s = card.snapshot, 0.0
     expected = split_head(card)
     if expected is not None:
@@ -353,10 +549,109 @@ def answer_from_card(
         raise CardCompatError(
             "a head was given, but the card is not a split card: it holds the whole context"
         )
-    facts = card.meta.facts if use_facts and card.meta.facts else None
-    suffix = lm.template.split(lm.tokenizer, "", question, facts=facts).suffix_ids
-    generation = generate_from_snapshot(lm, snapshot, suffix, max_new_tokens=max_new_tokens)
-    return CardAnswer(generation=generation, decode_s=decode_s, card=card, head_s=head_s)
+    return ReceivedCard(card=card, snapshot=snapshot, decode_s=decode_s, head_s=head_s)
+
+
+def calibration_for_card(
+    info: CardInfo, receiver: ModelFingerprint, calibrations: Sequence[CrossModelCalibration] = ()
+) -> CrossModelCalibration | None:
+    """Whether a receiver of ``receiver``'s model can use this card, from its header and metadata only.
+
+    Returns the calibration the card must be translated with here, or ``None`` when the card is for this
+    model as it is (including a card translated at its sender). Raises what :func:`receive_card` would:
+    :class:`CardCompatError` (another model, a calibration it lacks), :class:`CardFormatError` (a malformed
+    record). A store can check cards on arrival with it; the digest is checked when the card is decoded.
+    """
+    record = _checked_record(info)
+    if record is not None and record.at == "receiver" and info.fingerprint != receiver:
+        return _named_calibration(info, record, receiver, calibrations)
+    receiver.require_same(info.fingerprint)
+    return None
+
+
+def _checked_record(info: CardInfo) -> CrossModelRecord | None:
+    """The card's cross-model record, checked against the card (CardFormatError), or ``None``."""
+    record = crossmodel_record(info.meta.extra)
+    if record is not None:
+        record.check_card(info.fingerprint, template_prefix_tokens=info.template_prefix_tokens)
+        if split_head(info) is not None:
+            raise CardFormatError("a cross-model card cannot also be a split card")
+    return record
+
+
+def _named_calibration(
+    info: CardInfo,
+    record: CrossModelRecord,
+    receiver: ModelFingerprint,
+    calibrations: Sequence[CrossModelCalibration],
+) -> CrossModelCalibration:
+    """The calibration the record names for ``receiver``, from ``calibrations``, else CardCompatError."""
+    sender = info.fingerprint
+    wanted = record.calibration_for(receiver)
+    if wanted is None:
+        named = ", ".join(digest for digest, _ in record.targets)
+        raise CardCompatError(
+            f"card was made by {sender.architecture} ({sender.digest}) and names calibrations for receiver "
+            f"models {named} only; this receiver is {receiver.architecture} ({receiver.digest})"
+        )
+    return require_calibration(calibrations, sender=sender, receiver=receiver, calibration_id=wanted)
+
+
+def _translate_here(
+    lm: LoadedModel, data: bytes | memoryview, calibration: CrossModelCalibration
+) -> ReceivedCard:
+    """A card of the calibration's sender model, translated into ``lm``'s KV space here."""
+    start = time.perf_counter()
+    # Translation runs on the CPU, in float32.
+    card = decode_card(data, expect=calibration.sender.fingerprint)
+    decode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    translated = translate_snapshot(card.snapshot, calibration, lm.fingerprint)
+    translate_s = time.perf_counter() - start
+    start = time.perf_counter()
+    snapshot = join_receiver_head(
+        lm, translated, head_tokens=calibration.receiver.head_tokens, what=calibration.describe()
+    )
+    return ReceivedCard(
+        card=card,
+        snapshot=snapshot,
+        calibration_id=calibration.id,
+        decode_s=decode_s,
+        head_s=time.perf_counter() - start,
+        translate_s=translate_s,
+    )
+
+
+def answer_from_card(
+    lm: LoadedModel,
+    data: bytes | memoryview,
+    question: str,
+    *,
+    max_new_tokens: int = 24,
+    use_facts: bool = True,
+    head: KVSnapshot | None = None,
+    calibrations: Sequence[CrossModelCalibration] = (),
+) -> CardAnswer:
+    """Verify and decode ``data`` for ``lm`` (CardError if it cannot use it), then answer ``question``.
+
+    A split card is joined with ``head`` (from :func:`~qkv._split.prefill_head` of the card's head; a head
+    of other tokens or length is a CardCompatError); without one, the head is prefilled here first. A card
+    of another model is translated with the calibration it names, from ``calibrations``
+    (:func:`receive_card`).
+    """
+    received = receive_card(lm, data, calibrations=calibrations, head=head)
+    meta = received.card.meta
+    facts = meta.facts if use_facts and meta.facts else None
+    suffix = received.suffix_ids(lm, question, facts=facts)
+    generation = generate_from_snapshot(lm, received.snapshot, suffix, max_new_tokens=max_new_tokens)
+    return CardAnswer(
+        generation=generation,
+        decode_s=received.decode_s,
+        card=received.card,
+        head_s=received.head_s,
+        translate_s=received.translate_s,
+        calibration_id=received.calibration_id,
+    )
 
 
 def answer_from_text(

@@ -4,15 +4,22 @@ For each QA row the receiver answers under five conditions::
 
     no-context          the question only
     text                the receiver reads the context itself (the reference)
-    translated-kv       the sender prefills the context; its KV, translated by the calibration, is injected
-    translated-kv+facts the same, plus the facts line (qkv._facts) in the receiver's suffix
+    translated-kv       the sender prefills the context and writes a real CacheCard at the budget
+                        (``--bits``) naming the calibration; the receiver gets only the card's bytes and
+                        answers with ``qkv.answer_from_card(..., calibrations=)``. ``--translate-at``
+                        says where the KV is translated: ``receiver`` (the card holds the sender's KV) or
+                        ``sender`` (the card holds the receiver-space KV)
+    translated-kv+facts the same with a facts card (``Budget(facts=True)``): the facts line (qkv._facts) in
+                        the receiver's suffix
     facts-only          the facts line and the question, no KV
     translated-kv+vm    translated-kv with the calibration's variance matching on (a diagnostic)
 
 The calibration is fitted on contexts from ``calib_data`` starting at row ``calib_offset`` and never on a
 context that is scored (contexts equal to a scored row's are skipped), so rows scored and rows fitted are
 disjoint. ``gap_closed`` = (F1 - F1[no-context]) / (F1[text] - F1[no-context]). ``sent_bytes`` is what the
-sender would ship for that condition at fp16 (its KV) or as UTF-8 (facts), before any compression.
+sender ships for that condition: the card's bytes (header, metadata, facts and scales included), or the
+UTF-8 text; ``ttft_s`` of a card condition counts decoding, translation and the receiver's head prefill.
+The sender prefills each context once; the three cards are encoded from that one prefill.
 """
 
 from __future__ import annotations
@@ -32,17 +39,19 @@ from nodes.bench.datasets import QARow, dataset_name, load_rows
 from nodes.bench.metrics import best_em, best_f1
 from nodes.bench.table import format_table
 from qkv import (
+    Budget,
     CalibrationError,
     CrossModelCalibration,
     LoadedModel,
+    TranslateAt,
+    answer_from_card,
     calibrate_pair,
+    encode_observation,
     extract_facts,
-    generate_from_snapshot,
     generate_from_text,
     load_model,
-    prefill,
-    receiver_suffix_ids,
-    translate_snapshot,
+    needs_attention,
+    observe,
 )
 
 CONDITIONS = ("no-context", "text", "translated-kv", "translated-kv+facts", "facts-only", "translated-kv+vm")
@@ -114,6 +123,8 @@ def _score_row(
     matched: CrossModelCalibration,
     row: QARow,
     *,
+    budget: Budget,
+    translate_at: TranslateAt,
     max_new_tokens: int,
 ) -> dict[str, dict[str, Any]]:
     facts = extract_facts(row.context).to_text() or None
@@ -129,21 +140,22 @@ def _score_row(
         if name == "text":
             sent = len(row.context.encode())
         out[name] = {"answer": gen.text, "ttft_s": gen.ttft_s, "sent_bytes": sent}
-    sender_parts = sender.template.split(sender.tokenizer, row.context, row.question)
-    snapshot = prefill(
-        sender, sender_parts.prefix_ids, template_prefix_tokens=sender_parts.template_prefix_tokens
-    )
-    translated = translate_snapshot(snapshot, calibration, receiver)
+    window = budget.window if needs_attention(budget) else None
+    observation = observe(sender, row.context, window=window)  # one sender prefill for the three cards
     variants = (
-        ("translated-kv", None, translated),
-        ("translated-kv+facts", facts, translated),
-        ("translated-kv+vm", None, translate_snapshot(snapshot, matched, receiver)),
+        ("translated-kv", calibration, dataclasses.replace(budget, facts=False)),
+        ("translated-kv+facts", calibration, dataclasses.replace(budget, facts=True)),
+        ("translated-kv+vm", matched, dataclasses.replace(budget, facts=False)),
     )
-    for name, line, translated in variants:
-        suffix = receiver_suffix_ids(receiver, row.question, facts=line)
-        gen = generate_from_snapshot(receiver, translated, suffix, max_new_tokens=max_new_tokens)
-        sent = snapshot.fp16_bytes() + (len(line.encode()) if line else 0)
-        out[name] = {"answer": gen.text, "ttft_s": gen.ttft_s, "sent_bytes": sent}
+    for name, used, card_budget in variants:
+        card = encode_observation(
+            sender, observation, card_budget, context=row.context, translate=used, translate_at=translate_at
+        )
+        answer = answer_from_card(
+            receiver, card.data, row.question, max_new_tokens=max_new_tokens, use_facts=card_budget.facts,
+            calibrations=(used,),
+        )  # fmt: skip
+        out[name] = {"answer": answer.text, "ttft_s": answer.ttft_s, "sent_bytes": card.card_bytes}
     for record in out.values():
         record["f1"] = best_f1(record["answer"], row.answers)
         record["em"] = best_em(record["answer"], row.answers)
@@ -205,11 +217,17 @@ def run_crossmodel_bench(
     ridge: float = 0.05,
     span: int = 2,
     variance_match: bool = False,
+    budget: Budget | None = None,
+    translate_at: TranslateAt = "receiver",
     max_new_tokens: int = 24,
     json_out: Path | None = None,
     plot: Path | None = None,
 ) -> dict[str, Any]:
-    """Score the five conditions on the first ``limit`` rows of ``data``; returns (and writes) the summary."""
+    """Score the conditions on the first ``limit`` rows of ``data``; returns (and writes) the summary.
+
+    ``budget`` (default ``Budget(bits=4)``) is the card's; its ``facts`` flag is set per condition.
+    """
+    budget = budget or Budget(bits=4)
     from tqdm import tqdm
 
     sender_lm = load_model(sender) if isinstance(sender, str) else sender
@@ -229,8 +247,9 @@ def run_crossmodel_bench(
         for row in tqdm(rows, desc=f"{dataset} {direction}", unit="row", file=sys.stderr):
             with torch.inference_mode():
                 results = _score_row(
-                    sender_lm, receiver_lm, calibration, matched, row, max_new_tokens=max_new_tokens
-                )
+                    sender_lm, receiver_lm, calibration, matched, row, budget=budget,
+                    translate_at=translate_at, max_new_tokens=max_new_tokens,
+                )  # fmt: skip
             for name, record in results.items():
                 t = tallies[name]
                 t.n += 1
@@ -255,6 +274,8 @@ def run_crossmodel_bench(
         "calibration_offset": calib_offset,
         "calibration_texts": len(texts),
         "calibration": calibration_summary(calibration),
+        "card_budget": {key: v for key, v in budget.to_dict().items() if key != "facts"},
+        "translate_at": translate_at,
         "results": table,
     }
     print(format_table(table, COLUMNS))
@@ -308,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ridge", type=float, default=0.05)
     parser.add_argument("--span", type=int, default=2)
     parser.add_argument("--variance-match", action="store_true")
+    parser.add_argument("--bits", type=int, default=4, help="card width: 1..8, 16 (fp16) or 32 (lossless)")
+    parser.add_argument("--translate-at", choices=("receiver", "sender"), default="receiver")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
@@ -324,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ridge=args.ridge,
         span=args.span,
         variance_match=args.variance_match,
+        budget=Budget(bits=args.bits),
+        translate_at=args.translate_at,
         max_new_tokens=args.max_new_tokens,
         json_out=args.json,
         plot=args.plot,

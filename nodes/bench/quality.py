@@ -39,8 +39,8 @@ from qkv import (
     load_model,
     needs_attention,
     observe,
+    prefill_reread,
 )
-from qkv._hf import prefill_reread  # not yet re-exported by qkv/__init__
 
 COLUMNS = (
     "dataset", "condition", "n", "f1", "em", "f1_vs_text", "same_as_text", "kl_vs_text",

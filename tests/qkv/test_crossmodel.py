@@ -16,6 +16,7 @@ from qkv._crossmodel import (
     ALIGNMENT_RULE,
     EXTRA_CALIBRATION_KEY,
     CrossModelCalibration,
+    TranslateAt,
     align_tokens,
     calibrate_pair,
     depth_layer_map,
@@ -74,7 +75,7 @@ def _gemma_tokenizer():  # type: ignore[no-untyped-def]
     )
 
 
-def _build_tiny_gemma_dir(directory: Path) -> Path:
+def build_tiny_gemma_dir(directory: Path) -> Path:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     tokenizer = _gemma_tokenizer()
@@ -112,7 +113,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_model(_build_tiny_gemma_dir(tmp_path_factory.mktemp("xm-gemma")), device="cpu")
+    return load_model(build_tiny_gemma_dir(tmp_path_factory.mktemp("xm-gemma")), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -452,17 +453,33 @@ def test_calibration_texts_skip_scored_contexts(tmp_path: Path) -> None:
     assert texts == list(SENTENCES[2:])
 
 
-def test_crossmodel_bench_runs_end_to_end(tmp_path: Path, llama: LoadedModel, gemma: LoadedModel) -> None:
+@pytest.mark.parametrize("translate_at", ["receiver", "sender"])
+def test_crossmodel_bench_runs_end_to_end(
+    tmp_path: Path, llama: LoadedModel, gemma: LoadedModel, translate_at: TranslateAt
+) -> None:
     from nodes.bench.crossmodel import CONDITIONS, run_crossmodel_bench
+    from qkv import Budget, encode_context
 
     scored = _write_rows(tmp_path / "scored.jsonl", list(SENTENCES[:2]))
     calib = _write_rows(tmp_path / "calib.jsonl", list(SENTENCES))
     summary = run_crossmodel_bench(
         llama, gemma, scored, limit=2, calib_data=calib, calib_rows=10, calib_offset=0,
         calibration_path=tmp_path / "cal.safetensors", max_new_tokens=2, json_out=tmp_path / "out.json",
+        budget=Budget(bits=3), translate_at=translate_at,
     )  # fmt: skip
     assert [r["condition"] for r in summary["results"]] == list(CONDITIONS)
     assert summary["calibration_texts"] == 10  # the two scored contexts were left out
+    assert summary["translate_at"] == translate_at
+    assert summary["card_budget"]["bits"] == 3
     assert (tmp_path / "cal.safetensors").is_file()
     assert (tmp_path / "out.rows.jsonl").read_text().count("\n") == 2
     assert len(summary["calibration"]["r2_k"]) == gemma.fingerprint.num_layers
+    # translated-kv is a real card at the budget: what was sent is that card's size.
+    calibration = CrossModelCalibration.load(tmp_path / "cal.safetensors")
+    cards = [
+        encode_context(llama, text, Budget(bits=3), translate=calibration, translate_at=translate_at)
+        for text in SENTENCES[:2]
+    ]
+    sent = {r["condition"]: r["sent_bytes"] for r in summary["results"]}
+    assert sent["translated-kv"] == sum(card.card_bytes for card in cards) / 2
+    assert sent["translated-kv+facts"] > sent["translated-kv"]  # the facts line travels in the card
