@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import itertools
 import logging
 import secrets
@@ -72,6 +73,12 @@ MAX_ANNOUNCE_BYTES: Final = 64 * 1024
 MAX_DATA_CONTROL_BYTES: Final = 4096
 #: Chunks between two bandwidth samples of the link estimator.
 CHUNKS_PER_SAMPLE: Final = 8
+#: Added to every socket's ZMQ_MAXMSGSIZE over the largest payload it accepts: CURVE wraps each message part
+#: in about 33 bytes of its own, and libzmq drops (for good) a connection whose wire frame exceeds the
+#: limit. The frame codec still enforces the exact payload limits.
+WIRE_SLACK_BYTES: Final = 4096
+#: Worker threads that hash and spool received chunks (hashlib and pwrite release the GIL).
+SPOOL_WORKERS: Final = 2
 
 TOPIC_CONTROL: Final = b"ctl"
 TOPIC_DATA: Final = b"dat"
@@ -170,8 +177,7 @@ class _Transfer:
             self._pool, self.partial.write_verified, index, chunk, digest
         )
         self.jobs.add(job)
-        job.add_done_callback(self.jobs.discard)
-        job.add_done_callback(lambda j: self._report(j, index, digest))
+        job.add_done_callback(functools.partial(self._report, index=index, digest=digest))
 
     def close(self) -> None:
         """Close the spool files once no job can write through their descriptors any more.
@@ -187,7 +193,8 @@ class _Transfer:
         waiter = asyncio.gather(*pending, return_exceptions=True)
         waiter.add_done_callback(lambda _: self.partial.close())
 
-    def _report(self, job: asyncio.Future[bool], index: int, digest: bytes) -> None:
+    def _report(self, job: asyncio.Future[bool], *, index: int, digest: bytes) -> None:
+        self.jobs.discard(job)
         if job.cancelled():
             self.events.put_nowait(("written", index, False, digest))
         elif (exc := job.exception()) is not None:
@@ -281,7 +288,9 @@ class Bus:
         self._state = BusState.OPEN
         try:
             self._spool = Spool(cfg.spool_dir)
-            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"edgebus-{cfg.node_id}")
+            self._pool = ThreadPoolExecutor(
+                max_workers=SPOOL_WORKERS, thread_name_prefix=f"edgebus-{cfg.node_id}"
+            )
             self._ctx = zmq.asyncio.Context()
             if cfg.keys is not None:
                 self._zap = ZapAuthenticator(self._ctx, cfg.keys.allowed_clients)
@@ -364,7 +373,7 @@ class Bus:
         sock.linger = 0
         sock.sndhwm = sndhwm
         sock.rcvhwm = rcvhwm
-        sock.setsockopt(zmq.MAXMSGSIZE, max_msg)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_msg + WIRE_SLACK_BYTES)
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(cfg.heartbeat_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(cfg.peer_timeout_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TTL, min(int(cfg.peer_timeout_s * 1000), 6_553_500))
@@ -1163,7 +1172,7 @@ class Bus:
         """Whether this node (this spool) already delivered ``card_id`` to the application."""
         return self._spool is not None and self._spool.is_delivered(card_id)
 
-    async def fetch_card(self, ann: Announcement) -> bytes:
+    async def fetch_card(self, ann: Announcement) -> memoryview:
         """Pull, verify and deliver the announced card: exactly once per spool.
 
         Resumes from chunks already verified in the spool (after a disconnect, a cancellation or a process
@@ -1171,10 +1180,15 @@ class Bus:
         :class:`DigestMismatch`, :class:`TransferError` (stalled, or the sender no longer holds it),
         :class:`StoreError` (the spool cannot be written), :class:`ClosedError`.
 
+        Returns the card as a read-only ``memoryview`` of the verified spool file, mapped (``mmap``) rather
+        than read back, so delivery copies nothing; it stays valid after the spool file is removed and is
+        unmapped when the last reference goes (or on ``release()``). Pass ``bytes(card)`` where an owned
+        copy is needed.
+
         Memory: while pulling, the receiver references at most ``credit_bytes`` of chunks (plus what
         ZeroMQ queues, at most ``send_buffer_bytes // chunk_bytes`` chunks); verified chunks live in the
-        spool's page cache, not in this process. The returned ``bytes`` is read back from the spool in one
-        piece, so one fetch peaks at about the card size, which ``max_card_bytes`` caps.
+        spool's page cache, not in this process's heap, and the delivered view maps those same pages
+        (file-backed, so the kernel can write them back and drop them under memory pressure).
         """
         self._check_open()
         lock, users = self._fetch_locks.get(ann.card_id, (asyncio.Lock(), 0))
@@ -1189,7 +1203,7 @@ class Bus:
             else:
                 self._fetch_locks[ann.card_id] = (lock, users - 1)
 
-    async def _fetch_locked(self, ann: Announcement) -> bytes:
+    async def _fetch_locked(self, ann: Announcement) -> memoryview:
         assert self._spool is not None
         assert self._pool is not None
         manifest = ann.manifest
@@ -1227,7 +1241,7 @@ class Bus:
             raise DigestMismatch(
                 f"card {manifest.card_id}: chunk digests do not hash to the announced digest"
             )
-        data = await loop.run_in_executor(self._pool, partial.read_all)
+        data = await loop.run_in_executor(self._pool, partial.map_card)
         self._check_open()
         # Recorded before handing over, with no await in between: exactly once unless the process dies here.
         self._spool.mark_delivered(manifest)

@@ -13,24 +13,33 @@ a power cut. ``delivered.log`` is appended before the card is handed to the appl
 between loses that delivery rather than repeating it (at most once across a crash, exactly once otherwise).
 
 A :class:`PartialCard` is used as: :meth:`PartialCard.open` (once: opens both files, returns the chunks
-already verified), :meth:`PartialCard.write_verified` per chunk, :meth:`PartialCard.close` (idempotent).
+already verified), :meth:`PartialCard.write_verified` per chunk, :meth:`PartialCard.close` (idempotent),
+then :meth:`PartialCard.map_card` (the delivered card) and :meth:`PartialCard.remove`.
 Writes of different chunks may run concurrently in worker threads: they share the two descriptors,
 ``pwrite`` at disjoint offsets and 36-byte ``O_APPEND`` records, neither of which needs a lock.
+
+Delivery reads nothing back: the card handed to the application is a read-only ``mmap`` of ``.part``, the
+same page-cache pages the chunk writes filled. ``.part`` (created 0600) is unlinked right after mapping,
+so no name leads to the mapped file any more and nothing can truncate it under the mapping.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import mmap
 import os
 import struct
 from pathlib import Path
+from typing import Final
 
 from ._errors import StoreError
 from ._transfer import CardManifest
 
 _RECORD = struct.Struct(">I32s")
 assert _RECORD.size == 36
+#: Fault every page of a delivered card's mapping in at once (Linux); elsewhere pages map on first touch.
+_MAP_POPULATE: Final = getattr(mmap, "MAP_POPULATE", 0)
 
 
 class PartialCard:
@@ -114,15 +123,30 @@ class PartialCard:
         os.write(log_fd, _RECORD.pack(index, digest))
         return True
 
-    def read_all(self) -> bytes:
-        """The complete card (blocking)."""
-        if self.manifest.size == 0:
-            return b""
-        with open(self.part_path, "rb") as f:
-            data = f.read(self.manifest.size + 1)
-        if len(data) != self.manifest.size:
-            raise StoreError(f"spooled card {self.manifest.card_id} has {len(data)} bytes")
-        return data
+    def map_card(self) -> memoryview:
+        """The complete card as a read-only view of the spool file's pages (blocking: run in a thread).
+
+        Nothing is read back or copied: the view maps the page-cache pages the chunk writes filled, with
+        ``MAP_POPULATE`` so the mapping is complete when this returns. It stays valid after :meth:`remove`
+        (an unlinked file lives on while mapped) and is unmapped when the last reference to it goes.
+        """
+        size = self.manifest.size
+        if size == 0:
+            return memoryview(b"")
+        try:
+            fd = os.open(self.part_path, os.O_RDONLY)
+        except OSError as exc:
+            raise StoreError(f"spooled card {self.manifest.card_id}: {exc}") from exc
+        try:
+            on_disk = os.fstat(fd).st_size
+            if on_disk != size:
+                raise StoreError(f"spooled card {self.manifest.card_id} has {on_disk} bytes, not {size}")
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise StoreError(f"spooled card {self.manifest.card_id}: {exc}") from exc
+        finally:
+            os.close(fd)
+        return memoryview(mapping)
 
     def remove(self) -> None:
         self.close()

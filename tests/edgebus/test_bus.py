@@ -160,3 +160,26 @@ async def test_curve_on_loopback_end_to_end(tmp_path: Path) -> None:
             keys=keys_for(keys, "client"),
             connect=(PeerAddress(endpoint="tcp://127.0.0.1:1"),),
         )
+
+
+async def test_curve_carries_chunks_as_large_as_the_receiver_allows(tmp_path: Path) -> None:
+    # CURVE adds a few bytes to every wire frame: a receiver limit of exactly max_chunk_bytes would make
+    # libzmq drop the data connection for good at the first full-size chunk.
+    keys = make_keys(tmp_path / "keys")
+    limits = {"chunk_bytes": 64 << 10, "max_chunk_bytes": 64 << 10, "credit_bytes": 128 << 10}
+    server_cfg = BusConfig(
+        node_id="server", spool_dir=tmp_path / "s", keys=keys_for(keys, "server"), **FAST, **limits
+    )
+    async with Bus(server_cfg) as server:
+        card = bytes(range(256)) * 1000  # four chunks, the first three full-size
+        await server.publish_card("kv/c", card)
+        address = PeerAddress(
+            endpoint=server.endpoints.control, server_key=load_public_key(keys / "server.key")
+        )
+        client_cfg = BusConfig(
+            node_id="client", spool_dir=tmp_path / "c", keys=keys_for(keys, "client"), connect=(address,),
+            chunk_timeout_s=0.5, stall_timeout_s=3.0, **FAST, **limits,
+        )  # fmt: skip
+        async with Bus(client_cfg) as client:
+            ann = await anext(client.announcements())
+            assert await client.fetch_card(ann) == card

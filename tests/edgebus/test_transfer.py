@@ -67,6 +67,35 @@ def test_spool_keeps_verified_chunks_and_drops_torn_ones(tmp_path: Path) -> None
     assert set(Spool(tmp_path).partial(m).load_verified()) == {0, 5}
 
 
+def test_mapped_card_is_read_only_and_outlives_the_spool_files(tmp_path: Path) -> None:
+    data = os.urandom(3 * CHUNK + 7)
+    m = manifest_for(data)
+    partial = Spool(tmp_path).partial(m)
+    partial.open()
+    for i, digest in enumerate(chunk_digests(data, CHUNK)):
+        assert partial.write_verified(i, memoryview(data)[i * CHUNK : (i + 1) * CHUNK], digest)
+    partial.close()
+    view = partial.map_card()
+    partial.remove()
+    assert not partial.part_path.exists()
+    assert view.readonly
+    assert view == data
+    with pytest.raises(TypeError):
+        view[0] = 1  # type: ignore[index]
+
+
+def test_mapping_a_spool_file_of_the_wrong_size_is_a_store_error(tmp_path: Path) -> None:
+    data = os.urandom(2 * CHUNK)
+    partial = Spool(tmp_path).partial(manifest_for(data))
+    partial.part_path.write_bytes(data[:-1])
+    with pytest.raises(StoreError, match="bytes, not"):
+        partial.map_card()
+    partial.part_path.write_bytes(data + b"x")
+    with pytest.raises(StoreError, match="bytes, not"):
+        partial.map_card()
+    assert Spool(tmp_path).partial(manifest_for(b"")).map_card() == b""
+
+
 def test_delivered_ids_survive_reopen(tmp_path: Path) -> None:
     m = manifest_for(b"abc")
     spool = Spool(tmp_path)
@@ -115,6 +144,18 @@ async def test_cancelled_fetch_resumes_in_a_new_bus_and_delivers_once(tmp_path: 
         assert receiver.is_delivered(card_id)
 
 
+async def test_fetch_delivers_a_read_only_view_and_clears_the_spool(tmp_path: Path) -> None:
+    data = os.urandom(5 * CHUNK + 99)
+    async with pair(tmp_path) as (sender, receiver):
+        await sender.publish_card("kv/a", data)
+        ann = await anext(receiver.announcements())
+        card = await receiver.fetch_card(ann)
+        assert isinstance(card, memoryview)
+        assert card.readonly
+        assert card == data
+        assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["delivered.log"]
+
+
 async def test_wrong_announced_digest_is_caught_end_to_end(tmp_path: Path) -> None:
     data = os.urandom(3 * CHUNK)
     async with pair(tmp_path) as (sender, receiver):
@@ -135,7 +176,7 @@ async def test_concurrent_fetches_of_one_card_deliver_once(tmp_path: Path) -> No
         results = await asyncio.gather(
             receiver.fetch_card(ann), receiver.fetch_card(ann), return_exceptions=True
         )
-        assert sorted(type(r).__name__ for r in results) == ["AlreadyDelivered", "bytes"]
+        assert sorted(type(r).__name__ for r in results) == ["AlreadyDelivered", "memoryview"]
         assert receiver.stats().cards_delivered == 1
         assert receiver.link("s").samples >= 1
 
