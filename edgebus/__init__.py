@@ -38,21 +38,27 @@ from ._keys import load_hmac_key, load_keypair, load_public_key, load_public_key
 from ._link import LinkEstimate
 from ._memory import MemoryProbe, MemoryReading, PsutilMemoryProbe, ScriptedMemoryProbe
 from ._policy import (
+    DEFAULT_INJECT_BYTES_PER_S,
+    HEAD_ID_BYTES,
     BudgetPolicy,
     Decision,
     InvalidPolicyInput,
     NoFeasibleRepresentation,
+    PointKey,
     PolicyConfig,
     PolicyError,
     PolicyInputs,
     RateQualityPoint,
     RateQualityTable,
     Representation,
+    balanced_head,
 )
 from ._sdnotify import Notifier, WatchdogPinger
 from ._stats import BusStats
 
 __all__ = [
+    "DEFAULT_INJECT_BYTES_PER_S",
+    "HEAD_ID_BYTES",
     "AlreadyDelivered",
     "Announcement",
     "AnnouncementStream",
@@ -86,6 +92,7 @@ __all__ = [
     "PeerAddress",
     "PeerGone",
     "PeerInfo",
+    "PointKey",
     "PolicyConfig",
     "PolicyError",
     "PolicyInputs",
@@ -105,6 +112,7 @@ __all__ = [
     "TransportError",
     "VersionError",
     "WatchdogPinger",
+    "balanced_head",
     "load_hmac_key",
     "load_keypair",
     "load_public_key",

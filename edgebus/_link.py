@@ -3,6 +3,10 @@
 :class:`LinkEstimator` keeps exponentially weighted moving averages of bandwidth (from real chunk transfers:
 bytes delivered over a window of arrivals) and round-trip time (from application heartbeats). A fresh
 estimator reports zeros and ``samples == 0``: callers must treat that as "unknown", not "zero".
+
+Bandwidth samples smaller than ``min_sample_bytes`` are ignored: a few kB (a text, a head of token ids)
+cross a fast link in less time than the request round trip and the receiver's per-transfer work that the
+sample's time also holds, so they would drag the average far below the link's rate.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 
 #: Weight of a new sample in the moving averages.
 EWMA_ALPHA = 0.25
+#: Smallest transfer that counts as a bandwidth sample (see the module docstring).
+MIN_SAMPLE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,18 +32,21 @@ class LinkEstimate:
 
 
 class LinkEstimator:
-    def __init__(self, alpha: float = EWMA_ALPHA) -> None:
+    def __init__(self, alpha: float = EWMA_ALPHA, min_sample_bytes: int = MIN_SAMPLE_BYTES) -> None:
         if not 0 < alpha <= 1:
             raise ValueError("alpha must be in (0, 1]")
+        if min_sample_bytes < 0:
+            raise ValueError("min_sample_bytes must be >= 0")
         self._alpha = alpha
+        self._min_sample_bytes = min_sample_bytes
         self._bandwidth = 0.0
         self._rtt = 0.0
         self._bw_samples = 0
         self._rtt_samples = 0
 
     def add_transfer(self, nbytes: int, seconds: float) -> None:
-        """One bandwidth sample: ``nbytes`` arrived over ``seconds`` of wall time."""
-        if nbytes <= 0 or seconds <= 0:
+        """One bandwidth sample: ``nbytes`` arrived over ``seconds`` of wall time (ignored when too small)."""
+        if nbytes <= 0 or seconds <= 0 or nbytes < self._min_sample_bytes:
             return
         sample = nbytes / seconds
         self._bandwidth = sample if not self._bw_samples else self._ewma(self._bandwidth, sample)

@@ -1,4 +1,4 @@
-"""Budget policy: which representation (text, card, hybrid) and which compression to send a context in.
+"""Budget policy: which representation (text, card, hybrid, split) and which compression to send a context in.
 
 Pure: no I/O, no clock, no hidden state. :meth:`BudgetPolicy.decide` maps measured inputs, a calibrated
 rate-quality table and the previous decision to a :class:`Decision`; the caller keeps the previous decision
@@ -8,37 +8,62 @@ Time to first token at the receiver (TTFT), with ``n`` context tokens, ``kv`` fp
 candidate's ``bytes_per_token`` (bpt), ``keep`` (fraction of tokens kept) and ``layers`` (fraction of layers
 sent)::
 
+    prefill(m)  = m / prefill_tokens_per_s + prefill_s_per_token2 * m**2
     transfer(w) = rtt + w / bandwidth_bytes_per_s
-    text        = transfer(text_bytes) + n / prefill_tokens_per_s
+    text        = transfer(text_bytes) + prefill(n) + question_s
     card        = transfer(bpt * n) + bpt * n / decode_bytes_per_s
-                  + kv * n * keep * layers / inject_bytes_per_s
-    hybrid      = card + text_bytes / bandwidth_bytes_per_s + n * (1 - keep) / prefill_tokens_per_s
+                  + kv * n * keep * layers / inject_bytes_per_s + question_s
+    hybrid      = card + text_bytes / bandwidth_bytes_per_s + prefill(n * (1 - keep))
+    split(h)    = max(rtt + HEAD_ID_BYTES * h / bandwidth_bytes_per_s + prefill(h),
+                      transfer(HEAD_ID_BYTES * h + bpt * (n - h)))
+                  + bpt * (n - h) / decode_bytes_per_s + kv * n / inject_bytes_per_s
+                  + kv * n / join_bytes_per_s + question_s
 
-(a hybrid sends the card and the text, and the receiver re-prefills the tokens the card does not carry).
-Peak receiver RAM is the card plus the fp16 KV it decodes into (text: the KV its prefill builds); the sender
-must hold the card it encodes. A candidate is *feasible* when its quality is at least the floor and both
-sides' RAM headroom covers it. A candidate needing more RAM than the previous choice must fit with
-``ram_margin`` to spare, so a headroom hovering at a threshold does not flap the choice; moving down to a
-smaller one needs no margin.
+(the quadratic prefill term is attention's cost growing with the length; ``question_s``, the receiver's
+time from a ready cache to its first token, is common to every candidate and changes no ranking, but it
+makes "within ``near_tie``" relative to the TTFT a user sees: on a fast link a 0.1 s smaller transfer is
+not worth a lower-quality card when the answer itself takes 2 s; a hybrid sends the card and the text, and
+the receiver re-prefills the tokens the card does not carry; a split's receiver copies the whole context's
+KV once more to join its head to the tail, ``join_bytes_per_s`` as measured there).
+
+A *split* sends the first ``h`` token ids ahead (``HEAD_ID_BYTES`` each), then a card of the KV of tokens
+``[h, n)`` only: the receiver prefills the head itself while the tail crosses the link. The first term of the
+max rises with ``h`` and the second falls, so the policy takes the ``h`` where they cross (the smallest ``h``
+whose head prefill is no shorter than the tail's transfer, or the one before it if that is faster). A split
+exists for every full card point of the table (``keep == layers == 1``) when that ``h`` lies in
+``[split_min_head, n - split_min_head]``: below, the card alone is as fast; above, text is. Its quality is
+the card point's: the head is exact, so it is no worse.
+
+Peak receiver RAM is the card plus the fp16 KV it decodes into (text: the KV its prefill builds; split: the
+tail card plus the whole context's KV); the sender must hold the card it encodes. A candidate is *feasible*
+when its quality is at least the floor and both sides' RAM headroom covers it. A candidate needing more RAM
+than the previous choice must fit with ``ram_margin`` to spare, so a headroom hovering at a threshold does
+not flap the choice; moving down to a smaller one needs no margin.
 
 Choice among feasible candidates (those meeting the deadline, if any does; otherwise all of them, and the
 reason says the deadline is missed): the fastest; candidates within ``near_tie`` of the fastest TTFT count as
-equally fast, since link estimates are noisier than that, and the highest quality among them wins. This is
-why falling memory lowers the bits: the bigger cards stop fitting, and rising memory brings them back.
+equally fast, since link estimates are noisier than that, and the highest quality among them wins (at equal
+quality a whole card before a split of it, whose two messages and joined caches are worth it only when they
+are clearly faster; then the faster). This is why falling memory lowers the bits: the bigger cards stop
+fitting, and rising memory brings them back.
 
-Hysteresis: the previous choice is kept while it stays feasible (and on time, when something is) unless the
-new best is faster by ``switch_margin`` or better in quality by ``quality_margin`` at no more than
-``near_tie`` extra TTFT. Every decision is logged on ``edgebus.policy`` with its inputs.
+Hysteresis: the previous choice (representation and budget; a split's ``h`` follows the inputs) is kept while
+it stays feasible (and on time, when something is) unless the new best is faster by ``switch_margin`` or
+better in quality by ``quality_margin`` at no more than ``near_tie`` extra TTFT. Every decision is logged on
+``edgebus.policy`` with its inputs.
 
-Rate-quality table JSON (written by calibration for one model)::
+Rate-quality table JSON (generated from quality-benchmark results for one model)::
 
-    {"version": 1, "model": "smollm2-135m-instruct",
+    {"version": 1, "model": "smollm2-135m-instruct", "metric": "exp(-kl_vs_text)", "source": "...",
      "points": [{"representation": "card", "bits": 4, "keep": 1.0, "layers": 1.0,
-                 "bytes_per_token": 6450.0, "quality": 0.97, "facts": false}, ...]}
+                 "bytes_per_token": 6450.0, "quality": 0.97, "facts": false, "condition": "kv-4"}, ...]}
 
-``quality`` is relative to text (1.0). ``facts`` marks a point measured with a short key-facts text sent
-alongside the card (its bytes are negligible next to the card and are left out of the model). Text is always
-a candidate: a table without a text row gets one with quality 1.0.
+``quality`` is relative to text (1.0), by the table's ``metric``; ``condition`` names how the sender builds
+the point (opaque here: the node maps it to a codec budget; two points differing only there are different
+choices). ``facts`` marks a point measured with a short key-facts text sent
+alongside the card (its bytes are negligible next to the card and are left out of the model). A table's
+points are text, card or hybrid (splits are derived from its cards). Text is always a candidate: a table
+without a text row gets one with quality 1.0.
 """
 
 from __future__ import annotations
@@ -50,30 +75,40 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 from ._errors import BusError, ConfigError
 
 __all__ = [
+    "DEFAULT_INJECT_BYTES_PER_S",
+    "HEAD_ID_BYTES",
     "BudgetPolicy",
     "Decision",
     "InvalidPolicyInput",
     "NoFeasibleRepresentation",
+    "PointKey",
     "PolicyConfig",
     "PolicyError",
     "PolicyInputs",
     "RateQualityPoint",
     "RateQualityTable",
     "Representation",
+    "balanced_head",
 ]
 
 log = logging.getLogger("edgebus.policy")
 
-Representation = Literal["text", "card", "hybrid"]
-_REPRESENTATIONS: tuple[str, ...] = get_args(Representation)
+Representation = Literal["text", "card", "hybrid", "split"]
+#: What identifies a choice across decisions (for hysteresis): representation, bits, keep, layers, facts,
+#: condition.
+PointKey = tuple[str, float, float, float, bool, str]
+#: What a table's points may be: a split is derived from a card point, never calibrated on its own.
+_TABLE_REPRESENTATIONS: tuple[str, ...] = ("text", "card", "hybrid")
 _TABLE_VERSION = 1
 #: fp16 tensor copy into the model's cache, measured on the 2-vCPU dev box (FIELD-NOTES: 2.3 GB/s).
 DEFAULT_INJECT_BYTES_PER_S = 2.0e9
+#: Wire bytes per head token id of a split (a little-endian uint32 each).
+HEAD_ID_BYTES = 4
 
 
 class PolicyError(BusError):
@@ -106,11 +141,12 @@ class RateQualityPoint:
     bytes_per_token: float
     quality: float
     facts: bool = False
+    condition: str = ""
 
     def __post_init__(self) -> None:
         owner = "RateQualityPoint"
-        if self.representation not in _REPRESENTATIONS:
-            raise ValueError(f"{owner}.representation must be one of {_REPRESENTATIONS}")
+        if self.representation not in _TABLE_REPRESENTATIONS:
+            raise ValueError(f"{owner}.representation must be one of {_TABLE_REPRESENTATIONS}")
         for name in ("bits", "keep", "layers"):
             _finite(owner, name, getattr(self, name), positive=True, error=ValueError)
         for name in ("bytes_per_token", "quality"):
@@ -119,10 +155,12 @@ class RateQualityPoint:
             raise ValueError(f"{owner}.keep and .layers are fractions in (0, 1]")
         if not isinstance(self.facts, bool):
             raise ValueError(f"{owner}.facts must be a bool")
+        if not isinstance(self.condition, str) or len(self.condition) > 200:
+            raise ValueError(f"{owner}.condition must be a string of at most 200 characters")
 
     @property
-    def key(self) -> tuple[str, float, float, float, bool]:
-        return (self.representation, self.bits, self.keep, self.layers, self.facts)
+    def key(self) -> PointKey:
+        return (self.representation, self.bits, self.keep, self.layers, self.facts, self.condition)
 
 
 _TEXT_POINT = RateQualityPoint(
@@ -136,6 +174,8 @@ class RateQualityTable:
 
     points: tuple[RateQualityPoint, ...]
     model: str = ""
+    metric: str = ""
+    source: str = ""
 
     def candidates(self) -> tuple[RateQualityPoint, ...]:
         """The points, with a text point added when the table has none."""
@@ -144,7 +184,13 @@ class RateQualityTable:
         return (*self.points, _TEXT_POINT)
 
     def to_json(self) -> str:
-        body = {"version": _TABLE_VERSION, "model": self.model, "points": [asdict(p) for p in self.points]}
+        body = {
+            "version": _TABLE_VERSION,
+            "model": self.model,
+            "metric": self.metric,
+            "source": self.source,
+            "points": [asdict(p) for p in self.points],
+        }
         return json.dumps(body, indent=1)
 
     @classmethod
@@ -156,14 +202,15 @@ class RateQualityTable:
             raise ConfigError(f"{source}: not JSON: {exc}") from exc
         if not isinstance(document, dict):
             raise ConfigError(f"{source}: a rate-quality table is a JSON object")
-        unknown = set(document) - {"version", "model", "points"}
+        unknown = set(document) - {"version", "model", "metric", "source", "points"}
         if unknown:
             raise ConfigError(f"{source}: unknown key {sorted(unknown)[0]!r}")
         if document.get("version") != _TABLE_VERSION:
             raise ConfigError(f"{source}: 'version' must be {_TABLE_VERSION}")
-        model = document.get("model", "")
-        if not isinstance(model, str):
-            raise ConfigError(f"{source}: 'model' must be a string")
+        strings = {name: document.get(name, "") for name in ("model", "metric", "source")}
+        for name, value in strings.items():
+            if not isinstance(value, str):
+                raise ConfigError(f"{source}: {name!r} must be a string")
         raw_points = document.get("points")
         if not isinstance(raw_points, list) or not raw_points:
             raise ConfigError(f"{source}: 'points' must be a non-empty list")
@@ -180,7 +227,7 @@ class RateQualityTable:
                 points.append(RateQualityPoint(**raw))
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{where}: {exc}") from exc
-        return cls(points=tuple(points), model=model)
+        return cls(points=tuple(points), **strings)
 
     @classmethod
     def load(cls, path: Path) -> RateQualityTable:
@@ -204,7 +251,11 @@ class RateQualityTable:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PolicyConfig:
-    """Operator settings. ``deadline_s``: TTFT the operator wants (``None``: none)."""
+    """Operator settings. ``deadline_s``: TTFT the operator wants (``None``: none). ``split``: consider
+    split hand-offs, whose head must be at least ``split_min_head`` tokens (and leave as many for the card):
+    a shorter head saves less than a split's costs the model leaves out (its head prefill competing with the
+    transfer's receive work for the receiver's CPU; measured: +0.3-0.6 s at 100 Mbit/s on 2 cores).
+    """
 
     quality_floor: float
     deadline_s: float | None = None
@@ -212,6 +263,8 @@ class PolicyConfig:
     switch_margin: float = 0.15
     quality_margin: float = 0.005
     ram_margin: float = 0.10
+    split: bool = True
+    split_min_head: int = 256
 
     def __post_init__(self) -> None:
         owner = "PolicyConfig"
@@ -227,6 +280,10 @@ class PolicyConfig:
             _finite(owner, name, value, positive=False, error=ConfigError)
             if value >= 1:
                 raise ConfigError(f"{owner}.{name} must be < 1, got {value}")
+        if not isinstance(self.split, bool):
+            raise ConfigError(f"{owner}.split must be a bool")
+        if type(self.split_min_head) is not int or self.split_min_head < 1:
+            raise ConfigError(f"{owner}.split_min_head must be an int >= 1, got {self.split_min_head!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -234,8 +291,9 @@ class PolicyInputs:
     """What is known when a context is about to be handed off.
 
     Headrooms in bytes (the receiver advertises its own), bandwidth in bytes per second (what
-    :class:`edgebus.LinkEstimate` calls ``bandwidth_bps``), speeds as measured
-    (the receiver's prefill speed is measured at its start and advertised).
+    :class:`edgebus.LinkEstimate` calls ``bandwidth_bps``), speeds as measured (the receiver measures its
+    prefill at start and advertises the linear and quadratic terms, and its card decode speed).
+    ``context_tokens`` counts every token the sender prefills (prompt template included).
     """
 
     sender_headroom_bytes: int
@@ -248,6 +306,9 @@ class PolicyInputs:
     kv_bytes_per_token: int
     text_bytes: int
     inject_bytes_per_s: float = DEFAULT_INJECT_BYTES_PER_S
+    prefill_s_per_token2: float = 0.0
+    question_s: float = 0.0
+    join_bytes_per_s: float = DEFAULT_INJECT_BYTES_PER_S
 
     def __post_init__(self) -> None:
         owner = "PolicyInputs"
@@ -262,13 +323,23 @@ class PolicyInputs:
             ("kv_bytes_per_token", True),
             ("text_bytes", False),
             ("inject_bytes_per_s", True),
+            ("prefill_s_per_token2", False),
+            ("question_s", False),
+            ("join_bytes_per_s", True),
         ):
             _finite(owner, name, getattr(self, name), positive=positive, error=InvalidPolicyInput)
+
+    def prefill_s(self, tokens: float) -> float:
+        """Predicted receiver prefill time of ``tokens`` tokens (module docstring)."""
+        return tokens / self.prefill_tokens_per_s + self.prefill_s_per_token2 * tokens * tokens
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Decision:
-    """What to send, what it is predicted to cost and give, why, and from which inputs."""
+    """What to send, what it is predicted to cost and give, why, and from which inputs.
+
+    ``head_tokens``: for a split, the tokens whose ids go ahead of the card (0 otherwise).
+    """
 
     representation: Representation
     bits: float
@@ -280,27 +351,48 @@ class Decision:
     wire_bytes: int
     reason: str
     inputs: PolicyInputs
+    head_tokens: int = 0
+    condition: str = ""
 
     @property
-    def key(self) -> tuple[str, float, float, float, bool]:
-        return (self.representation, self.bits, self.keep, self.layers, self.facts)
+    def key(self) -> PointKey:
+        return (self.representation, self.bits, self.keep, self.layers, self.facts, self.condition)
+
+    def describe(self) -> str:
+        """One line: what is sent, e.g. ``split(bits=4 keep=1 layers=1 head=900)``."""
+        return _describe(
+            self.representation,
+            self.bits,
+            self.keep,
+            self.layers,
+            self.facts,
+            self.head_tokens,
+            self.condition,
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class _Estimate:
     point: RateQualityPoint
+    representation: Representation
     wire_bytes: float
     ttft_s: float
     receiver_ram: float
     sender_ram: float
+    head_tokens: int = 0
+
+    @property
+    def key(self) -> PointKey:
+        p = self.point
+        return (self.representation, p.bits, p.keep, p.layers, p.facts, p.condition)
 
 
 def _estimate(point: RateQualityPoint, x: PolicyInputs) -> _Estimate:
     n = x.context_tokens
     if point.representation == "text":
         wire = float(x.text_bytes)
-        ttft = x.rtt_s + wire / x.bandwidth_bytes_per_s + n / x.prefill_tokens_per_s
-        return _Estimate(point, wire, ttft, float(x.kv_bytes_per_token * n), 0.0)
+        ttft = x.rtt_s + wire / x.bandwidth_bytes_per_s + x.prefill_s(n) + x.question_s
+        return _Estimate(point, "text", wire, ttft, float(x.kv_bytes_per_token * n), 0.0)
     card = point.bytes_per_token * n
     injected = x.kv_bytes_per_token * n * point.keep * point.layers
     ttft = (
@@ -308,22 +400,82 @@ def _estimate(point: RateQualityPoint, x: PolicyInputs) -> _Estimate:
         + card / x.bandwidth_bytes_per_s
         + card / x.decode_bytes_per_s
         + injected / x.inject_bytes_per_s
+        + x.question_s
     )
     resident = injected
     wire = card
     if point.representation == "hybrid":
         reprefilled = n * (1 - point.keep)
         wire += x.text_bytes
-        ttft += x.text_bytes / x.bandwidth_bytes_per_s + reprefilled / x.prefill_tokens_per_s
+        ttft += x.text_bytes / x.bandwidth_bytes_per_s + x.prefill_s(reprefilled)
         resident += x.kv_bytes_per_token * reprefilled
-    return _Estimate(point, wire, ttft, card + resident, card)
+    return _Estimate(point, point.representation, wire, ttft, card + resident, card)
 
 
-def _describe(point: RateQualityPoint) -> str:
-    if point.representation == "text":
+def _split_ttft(point: RateQualityPoint, x: PolicyInputs, head: int) -> tuple[float, float, float]:
+    """(TTFT, head side, tail side) of a split at ``head`` tokens (module docstring)."""
+    n, bw = x.context_tokens, x.bandwidth_bytes_per_s
+    ids = HEAD_ID_BYTES * head
+    tail_card = point.bytes_per_token * (n - head)
+    head_side = x.rtt_s + ids / bw + x.prefill_s(head)
+    tail_side = x.rtt_s + (ids + tail_card) / bw
+    kv = x.kv_bytes_per_token * n
+    after = (
+        tail_card / x.decode_bytes_per_s + kv / x.inject_bytes_per_s + kv / x.join_bytes_per_s + x.question_s
+    )
+    return max(head_side, tail_side) + after, head_side, tail_side
+
+
+def balanced_head(point: RateQualityPoint, inputs: PolicyInputs) -> int:
+    """The head length in ``0..n`` that minimises a split's predicted TTFT (module docstring)."""
+    n = inputs.context_tokens
+    # Bisection for the smallest h whose head side is no shorter than its tail side (monotone in h).
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        _, head_side, tail_side = _split_ttft(point, inputs, mid)
+        if head_side >= tail_side:
+            hi = mid
+        else:
+            lo = mid + 1
+    return min((h for h in (lo - 1, lo) if 0 <= h <= n), key=lambda h: _split_ttft(point, inputs, h)[0])
+
+
+def _split_estimate(point: RateQualityPoint, x: PolicyInputs, min_head: int) -> _Estimate | None:
+    """The split of ``point``'s card at the balancing head length, or None when no split is worth it."""
+    n = x.context_tokens
+    if n < 2 * min_head:
+        return None
+    head = balanced_head(point, x)
+    if not min_head <= head <= n - min_head:
+        return None
+    tail_card = point.bytes_per_token * (n - head)
+    wire = HEAD_ID_BYTES * head + tail_card
+    receiver_ram = tail_card + x.kv_bytes_per_token * n
+    ttft = _split_ttft(point, x, head)[0]
+    return _Estimate(point, "split", wire, ttft, receiver_ram, tail_card, head_tokens=head)
+
+
+def _describe(
+    representation: str,
+    bits: float,
+    keep: float,
+    layers: float,
+    facts: bool,
+    head_tokens: int = 0,
+    condition: str = "",
+) -> str:
+    if representation == "text":
         return "text"
-    facts = "+facts" if point.facts else ""
-    return f"{point.representation}{facts}(bits={point.bits:g} keep={point.keep:g} layers={point.layers:g})"
+    extra = "+facts" if facts else ""
+    head = f" head={head_tokens}" if representation == "split" else ""
+    named = f" {condition}" if condition else ""
+    return f"{representation}{extra}(bits={bits:g} keep={keep:g} layers={layers:g}{head}{named})"
+
+
+def _describe_estimate(e: _Estimate) -> str:
+    p = e.point
+    return _describe(e.representation, p.bits, p.keep, p.layers, p.facts, e.head_tokens, p.condition)
 
 
 class BudgetPolicy:
@@ -337,6 +489,17 @@ class BudgetPolicy:
     def config(self) -> PolicyConfig:
         return self._config
 
+    def estimates(self, inputs: PolicyInputs) -> list[_Estimate]:
+        """Every candidate's prediction: the table's points, then a split per full card point."""
+        out = [_estimate(point, inputs) for point in self._candidates]
+        if self._config.split:
+            for point in self._candidates:
+                if point.representation == "card" and point.keep == 1 and point.layers == 1:
+                    split = _split_estimate(point, inputs, self._config.split_min_head)
+                    if split is not None:
+                        out.append(split)
+        return out
+
     def decide(self, inputs: PolicyInputs, previous: Decision | None = None) -> Decision:
         """The representation minimising predicted TTFT under the constraints (module docstring).
 
@@ -344,8 +507,8 @@ class BudgetPolicy:
         """
         cfg = self._config
         previous_key = previous.key if previous is not None else None
-        estimates = [_estimate(point, inputs) for point in self._candidates]
-        current = next((e for e in estimates if e.point.key == previous_key), None)
+        estimates = self.estimates(inputs)
+        current = next((e for e in estimates if e.key == previous_key), None)
         feasible = [e for e in estimates if self._fits(e, inputs, current)]
         if not feasible:
             log.warning("no feasible representation; inputs=%s", inputs)
@@ -365,18 +528,19 @@ class BudgetPolicy:
         else:
             fastest = min(e.ttft_s for e in pool)
             tied = [e for e in pool if e.ttft_s <= fastest * (1 + cfg.near_tie)]
-            best = max(tied, key=lambda e: (e.point.quality, -e.ttft_s, -e.wire_bytes))
+            best = max(
+                tied,
+                key=lambda e: (e.point.quality, e.representation != "split", -e.ttft_s, -e.wire_bytes),
+            )
             reason = (
                 f"fastest feasible of {len(pool)}"
                 if best.ttft_s == fastest
                 else f"best quality within {cfg.near_tie:.0%} of the fastest ({fastest:.3f} s)"
             )
         chosen = best
-        kept = next((e for e in pool if e.point.key == previous_key), None)
+        kept = next((e for e in pool if e.key == previous_key), None)
         if previous is not None and kept is None:
-            reason += (
-                f"; previous {previous.representation} bits={previous.bits:g} no longer feasible or on time"
-            )
+            reason += f"; previous {previous.describe()} no longer feasible or on time"
         elif kept is not None and kept is not best:
             faster = best.ttft_s < kept.ttft_s * (1 - cfg.switch_margin)
             better = (
@@ -385,9 +549,9 @@ class BudgetPolicy:
             )
             if not (faster or better):
                 chosen = kept
-                reason = f"kept previous choice; {_describe(best.point)} not better by the switch margin"
+                reason = f"kept previous choice; {_describe_estimate(best)} not better by the switch margin"
         decision = Decision(
-            representation=chosen.point.representation,
+            representation=chosen.representation,
             bits=chosen.point.bits,
             keep=chosen.point.keep,
             layers=chosen.point.layers,
@@ -397,10 +561,12 @@ class BudgetPolicy:
             wire_bytes=round(chosen.wire_bytes),
             reason=reason,
             inputs=inputs,
+            head_tokens=chosen.head_tokens,
+            condition=chosen.point.condition,
         )
         log.info(
             "decision %s ttft=%.3fs quality=%.3f wire=%d bytes: %s; inputs=%s",
-            _describe(chosen.point),
+            decision.describe(),
             chosen.ttft_s,
             chosen.point.quality,
             decision.wire_bytes,

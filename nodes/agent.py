@@ -12,10 +12,22 @@ Contracts:
   thread (:class:`ModelWorker`): torch on one model is not re-entrant, and the loop must keep answering
   heartbeats and pinging the systemd watchdog (pinged from the loop itself, so a wedged loop is caught).
 * **Control requests** (``Bus.request`` to this node; every reply a map, failures a ``RemoteError`` at the
-  caller): ``{"op": "read", "text", "topic"?}`` (reader: prefill, publish a card, reply with its id and
-  sizes); ``{"op": "ask", "card", "question", "max_new_tokens"?, "wait_s"?}`` (answerer/relay: answer from
-  a held card, waiting up to ``wait_s`` for it to arrive); ``{"op": "ask_text", "context", "question"}``
-  (re-prefill baseline); ``{"op": "status"}``.
+  caller): ``{"op": "read", "text", "topic"?, "representation"?, "budget"?, "head_tokens"?}`` (reader:
+  decide per live receiver what to send, make and publish it, reply with its id, sizes and the decisions;
+  ``representation`` overrides the policy with a fixed alternative); ``{"op": "ask", "card", "question",
+  "max_new_tokens"?, "wait_s"?}`` (answerer/relay: answer from a held card or text, waiting up to ``wait_s``
+  for it to arrive); ``{"op": "ask_text", "context", "question"}`` (re-prefill baseline);
+  ``{"op": "status"}``.
+* **What a reader sends** (:mod:`nodes.reader_policy`): per (receiver, document) the budget policy picks
+  text, a card at a budget, or a split (the head's token ids first, then a card of the tail); receivers that
+  decided alike share one artifact, announced with ``for`` (their node ids) and ``rep`` (how to read it).
+  At start a reader publishes a small random *probe* card on ``probe/<name>`` that receivers pull once, so
+  the first decision has a measured bandwidth. Receivers advertise what the policy needs in their presence
+  info: ``headroom``, ``prefill_tps``/``prefill_q``, ``decode_bps`` and ``links`` (their measured bandwidth
+  and RTT to each peer).
+* **Split hand-offs** at the receiver: the head message starts ``prefill_head`` in the model thread at once;
+  an ``ask`` joins it when the card lands. A card whose head never came (or does not match) still answers,
+  prefilling the head from the card's own ids. TTFT accounting: :mod:`nodes.handoffs`.
 * **Cards received** are checked (header, model fingerprint) before they are stored; a card is pinned in
   the store while a question uses it. Delivery is exactly once per spool (the bus remembers delivered ids
   across restarts); a card that was delivered before a crash and persisted comes back from the store.
@@ -24,8 +36,8 @@ Contracts:
   keeps its verified chunks in the spool and resumes after restart), persists the store atomically if
   configured, sends STOPPING=1 and closes the bus.
 * **Events**: with ``events`` on, one JSON object per line on stdout (``ready``, ``card_published``,
-  ``card_received``, ``card_relayed``, ``card_rejected``, ``stopping``, ``stopped``): how tests and the
-  demo follow a node without sleeping.
+  ``card_received``, ``card_relayed``, ``card_rejected``, ``decision``, ``head_prefilled``, ``link_probed``,
+  ``stopping``, ``stopped``): how tests and the demo follow a node without sleeping.
 """
 
 from __future__ import annotations
@@ -35,13 +47,15 @@ import contextlib
 import functools
 import json
 import logging
+import os
+import secrets
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import IO, Any, Final, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Final, TypeVar
 
 from edgebus import (
     AlreadyDelivered,
@@ -59,7 +73,12 @@ from edgebus import (
 )
 
 from ._errors import AskError
-from .config import AnswererConfig, NodeConfig, bus_config
+from .config import AnswererConfig, NodeConfig, ReaderConfig, bus_config
+from .handoffs import HandoffBook, HeadResult, handoff_times, monotonic, sent_at
+
+if TYPE_CHECKING:
+    from .reader_policy import Override, PlanChooser
+    from .roles_answerer import PrefillModel
 
 log = logging.getLogger("nodes.agent")
 
@@ -72,8 +91,16 @@ FETCH_ATTEMPTS: Final = 5
 RETRY_BASE_S: Final = 0.5
 #: Default wait of an ``ask`` for a card that has not arrived yet.
 DEFAULT_ASK_WAIT_S: Final = 0.0
+#: Size of the random card a reader publishes at start so receivers measure the link before the first
+#: document (512 KiB: 4 s at 1 Mbit/s, several round trips' worth at 1 Gbit/s).
+PROBE_BYTES: Final = 512 * 1024
+PROBE_TOPIC: Final = "probe/"
+#: Most peers whose link estimates a receiver advertises (presence info is bounded).
+MAX_ADVERTISED_LINKS: Final = 16
 
 T = TypeVar("T")
+#: What an intake does with a pulled card: (announcement, bytes, seconds the pull took).
+Handler = Callable[[Announcement, bytes, float], Awaitable[None]]
 
 
 class EventLog:
@@ -106,12 +133,14 @@ class ModelWorker:
 
 @dataclass(frozen=True, kw_only=True)
 class Received:
-    """A card this node holds: its summary plus how it got here."""
+    """A card (or text) this node holds: its summary plus how and when it got here."""
 
-    summary: Any  # roles_answerer.CardSummary
+    summary: Any  # roles_answerer.CardSummary or TextSummary
     topic: str
     sender: str
     transfer_s: float
+    stored: float = 0.0  # monotonic time it was stored
+    text: bool = False
 
 
 class Agent:
@@ -136,12 +165,19 @@ class Agent:
         self._store: CardStore | None = None
         self._holder_cfg = config.answerer or AnswererConfig()
         self._received: dict[str, Received] = {}
+        self._book = HandoffBook()
+        self._chooser: PlanChooser | None = None
+        self._prefill_model: PrefillModel | None = None
+        self._decode_bps = 0.0
+        self._question_s = 0.0
+        self._join_bps = 0.0
+        self._prefill_cache: Any = None  # roles_reader.PrefillCache, made on the first read
         self._seen: set[str] = set()
         self._arrived = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._work: set[asyncio.Task[Any]] = set()
         self._draining = False
-        self._prefill_tps = 0.0
+        self._prefill_tps = 0.0  # the start-up fit's linear speed (status and the ready event)
         self._published = 0
         self._failures = 0
 
@@ -160,9 +196,20 @@ class Agent:
                 self._bus = bus
                 bus.on_request(self._on_request)
                 await self._load_persisted()
-                self.notifier.status("measuring prefill speed")
-                self._prefill_tps = await self._worker.run(_measure_prefill, self.lm)
+                self.notifier.status("measuring prefill and decode speed")
+                speeds = await self._worker.run(_measure_speeds, self.lm)
+                prefill_model, self._decode_bps, self._question_s, self._join_bps = speeds
+                self._prefill_model = prefill_model
+                self._prefill_tps = float(prefill_model.advertised()["prefill_tps"])
                 self._refresh_presence()
+                if cfg.reader is not None:
+                    self._chooser = await asyncio.to_thread(_plan_chooser, cfg.reader, cfg.name, self.lm.name)
+                    await bus.publish_card(
+                        PROBE_TOPIC + cfg.name,
+                        os.urandom(PROBE_BYTES),
+                        card_id=f"probe-{secrets.token_hex(8)}",
+                        meta={"rep": "probe"},
+                    )
                 self._start_roles()
                 endpoints = bus.endpoints if cfg.bus.bind else None
                 self.notifier.ready(f"serving as {', '.join(cfg.roles)}")
@@ -209,14 +256,15 @@ class Agent:
         if live:
             await asyncio.gather(*live, return_exceptions=True)
 
-    def _spawn(self, coro: Awaitable[Any], name: str, *, work: bool) -> None:
+    def _spawn(self, coro: Awaitable[T], name: str, *, work: bool) -> asyncio.Task[T]:
         """Own every task: background loops in ``_tasks``, drainable jobs in ``_work``."""
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        task: asyncio.Task[T] = asyncio.ensure_future(coro)
         task.set_name(f"{self.config.name}-{name}")
         group = self._work if work else self._tasks
         group.add(task)
         task.add_done_callback(group.discard)
         task.add_done_callback(self._log_failure)
+        return task
 
     def _log_failure(self, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -242,6 +290,8 @@ class Agent:
             prefixes.add(cfg.answerer.topics)
         if cfg.relay is not None:
             prefixes.add(cfg.relay.topics)
+        if prefixes:
+            prefixes.add(PROBE_TOPIC)
         for prefix in sorted(prefixes):
             self._spawn(self._intake(prefix, self._on_card), f"intake-{prefix}", work=False)
         if cfg.reader is not None:
@@ -251,9 +301,7 @@ class Agent:
                 self._spawn(self._intake(cfg.reader.doc_topics, self._on_document), "documents", work=False)
         self._spawn(self._presence_loop(), "presence", work=False)
 
-    async def _intake(
-        self, prefix: str, handle: Callable[[Announcement, bytes, float], Awaitable[None]]
-    ) -> None:
+    async def _intake(self, prefix: str, handle: Handler) -> None:
         assert self._bus is not None
         async with self._bus.announcements(prefix) as stream:
             async for ann in stream:
@@ -262,17 +310,25 @@ class Agent:
                 if ann.card_id in self._seen:
                     continue
                 self._seen.add(ann.card_id)
+                addressed = ann.meta.get("for")
+                if addressed is not None and (
+                    not isinstance(addressed, list) or self.config.name not in addressed
+                ):
+                    continue  # another receiver's hand-off (or a malformed list: not ours either)
                 self._spawn(self._receive(ann, handle), f"fetch-{ann.card_id[:8]}", work=True)
 
-    async def _receive(
-        self, ann: Announcement, handle: Callable[[Announcement, bytes, float], Awaitable[None]]
-    ) -> None:
+    async def _receive(self, ann: Announcement, handle: Handler) -> None:
         """Pull one announced card, retrying while its sender still announces it."""
         assert self._bus is not None
         bus = self._bus
         delay = RETRY_BASE_S
         for attempt in range(1, FETCH_ATTEMPTS + 1):
             start = time.monotonic()
+            kind = ann.meta.get("rep")
+            # A split's clock starts with its head message, keyed by the tail card the asks will name.
+            clock = ann.meta.get("tail") if kind == "head" else ann.card_id
+            if kind != "probe" and isinstance(clock, str) and len(clock) <= 128:
+                self._book.begin(clock, start, sent_at(ann.meta))
             try:
                 data = await bus.fetch_card(ann)
             except AlreadyDelivered:
@@ -289,13 +345,108 @@ class Agent:
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
-            await handle(ann, data, time.monotonic() - start)
+            transfer_s = time.monotonic() - start
+            # The store and the codec take bytes; the bus may hand over a view of its spool (a copy here
+            # costs milliseconds against the transfer's seconds).
+            await handle(ann, data if isinstance(data, bytes) else bytes(data), transfer_s)
             return
 
     def _holds(self, card_id: str) -> bool:
         return self._store is not None and card_id in self._store
 
     async def _on_card(self, ann: Announcement, data: bytes, transfer_s: float) -> None:
+        """A pulled artifact, read as its ``rep`` says: a probe, a split's head, a text or a KV card."""
+        kind = ann.meta.get("rep", "card")
+        if kind == "probe":
+            link = self._bus.link(ann.sender) if self._bus is not None else None
+            self._refresh_presence()
+            self.events.emit(
+                "link_probed",
+                sender=ann.sender,
+                bytes=len(data),
+                transfer_s=transfer_s,
+                bandwidth_bps=link.bandwidth_bps if link else None,
+                samples=link.samples if link else 0,
+            )
+        elif kind == "head":
+            self._on_head(ann, data)
+        elif kind == "text":
+            await self._on_text(ann, data, transfer_s)
+        elif kind == "card":
+            await self._on_kv_card(ann, data, transfer_s)
+        else:
+            self._reject(ann, f"unknown representation {kind!r}")
+
+    def _reject(self, ann: Announcement, error: str) -> None:
+        """An artifact refused as untrusted input: logged, counted as an event, the node keeps running."""
+        log.warning("card %s from %s rejected: %s", ann.card_id, ann.sender, error)
+        self._book.forget(ann.card_id)
+        self.events.emit("card_rejected", card=ann.card_id, sender=ann.sender, error=error)
+
+    def _on_head(self, ann: Announcement, data: bytes) -> None:
+        """A split's head: start prefilling it in the model thread now, while its tail card is in flight."""
+        from qkv import CardError
+
+        from .roles_answerer import prefill_split_head
+        from .roles_reader import parse_head
+
+        try:
+            head, tail = parse_head(data, ann.meta)
+        except ValueError as exc:
+            self._reject(ann, str(exc))
+            return
+
+        async def prefill_head_now() -> HeadResult | None:
+            try:
+                snapshot, seconds = await self._worker.run(prefill_split_head, self.lm, head)
+            except (CardError, ValueError) as exc:
+                # Ids outside this model's vocabulary: untrusted input, not a failure of this node. The
+                # card, when it comes, answers with its own head.
+                self._reject(ann, str(exc))
+                return None
+            if self._prefill_model is not None:
+                self._prefill_model.observe(head.num_tokens, seconds)
+            self.events.emit("head_prefilled", card=tail, tokens=head.num_tokens, prefill_s=seconds)
+            return HeadResult(snapshot=snapshot, prefill_s=seconds, tokens=head.num_tokens, done=monotonic())
+
+        self._book.add_head(tail, self._spawn(prefill_head_now(), f"head-{tail[:8]}", work=True))
+
+    async def _on_text(self, ann: Announcement, data: bytes, transfer_s: float) -> None:
+        from .roles_answerer import TextSummary
+        from .roles_reader import decode_document
+
+        assert self._store is not None
+        try:
+            decode_document(data)
+            self._store.put(ann.card_id, data)
+        except (ValueError, BusError) as exc:
+            self._reject(ann, str(exc))
+            return
+        summary = TextSummary(card_id=ann.card_id, text_bytes=len(data), sender=ann.sender)
+        self._stored(ann, summary, transfer_s, nbytes=len(data), text=True)
+
+    def _stored(self, ann: Announcement, summary: Any, transfer_s: float, *, nbytes: int, text: bool) -> None:
+        self._received[ann.card_id] = Received(
+            summary=summary,
+            topic=ann.topic,
+            sender=ann.sender,
+            transfer_s=transfer_s,
+            stored=time.monotonic(),
+            text=text,
+        )
+        self._wake_waiters()
+        self._refresh_presence()  # the link estimate moved: let readers see it before their next decision
+        self.events.emit(
+            "card_received",
+            card=ann.card_id,
+            topic=ann.topic,
+            sender=ann.sender,
+            bytes=nbytes,
+            transfer_s=transfer_s,
+            **{k: v for k, v in summary.as_dict().items() if k != "sender"},
+        )
+
+    async def _on_kv_card(self, ann: Announcement, data: bytes, transfer_s: float) -> None:
         """A pulled KV card: check it, store it, and relay it when this node is a relay for its topic."""
         from qkv import CardError
 
@@ -305,30 +456,19 @@ class Agent:
         try:
             summary = await self._worker.run(summarise_card, ann.card_id, data, self.lm)
         except CardError as exc:
-            log.warning("card %s from %s rejected: %s", ann.card_id, ann.sender, exc)
-            self.events.emit("card_rejected", card=ann.card_id, sender=ann.sender, error=str(exc))
+            self._reject(ann, str(exc))
             return
         try:
             self._store.put(ann.card_id, data)
         except BusError as exc:
-            log.warning("card %s not stored: %s", ann.card_id, exc)
-            self.events.emit("card_rejected", card=ann.card_id, sender=ann.sender, error=str(exc))
+            self._reject(ann, str(exc))
             return
-        self._received[ann.card_id] = Received(
-            summary=summary, topic=ann.topic, sender=ann.sender, transfer_s=transfer_s
-        )
-        self._wake_waiters()
-        self.events.emit(
-            "card_received",
-            card=ann.card_id,
-            topic=ann.topic,
-            sender=ann.sender,
-            bytes=len(data),
-            transfer_s=transfer_s,
-            tokens=summary.card_tokens,
-        )
+        self._stored(ann, summary, transfer_s, nbytes=len(data), text=False)
         relay = self.config.relay
         if relay is not None and ann.topic.startswith(relay.topics) and not self._draining:
+            if summary.head_tokens:
+                log.warning("card %s is a split card: relays forward whole cards only", ann.card_id)
+                return
             await self._relay(ann, data)
 
     async def _relay(self, ann: Announcement, data: bytes) -> None:
@@ -385,26 +525,85 @@ class Agent:
         text = await asyncio.to_thread(path.read_text, encoding="utf-8")
         await self._read(text, None)
 
-    async def _read(self, text: str, topic: str | None) -> dict[str, Any]:
-        from qkv import Budget
-
-        from .roles_reader import read_document
+    async def _read(self, text: str, topic: str | None, override: Override | None = None) -> dict[str, Any]:
+        """Decide per live receiver what to send (or take ``override``), make it, publish it, reply."""
+        from .reader_policy import Choice, Document
+        from .roles_reader import count_tokens
 
         reader = self.config.reader
         assert reader is not None
         assert self._bus is not None
-        budget = Budget(bits=reader.bits, keep=reader.keep, layers=reader.layers, facts=reader.facts)
-        result = await self._worker.run(
-            functools.partial(read_document, sender=self.config.name), self.lm, text, budget
-        )
+        assert self._chooser is not None
         topic = topic or reader.topic
-        card_id = await self._bus.publish_card(
-            topic, result.encoded.data, card_id=result.encoded.card_id, meta=result.meta()
+        tokens = await self._worker.run(count_tokens, self.lm, text)
+        doc = Document(
+            tokens=tokens,
+            text_bytes=len(text.encode("utf-8")),
+            sender_headroom=self._probe.read().available,
+            kv_bytes_per_token=_kv_bytes_per_token(self.lm),
+        )
+        fingerprint = self.lm.fingerprint.digest
+        if override is not None:
+            choices = [self._chooser.resolve(override, self._bus.peers(), doc, fingerprint=fingerprint)]
+        else:
+            choices = self._chooser.choose(self._bus.peers(), doc, fingerprint=fingerprint)
+        for choice in choices:
+            self.events.emit("decision", receiver=choice.receiver, **choice.decision)
+        groups: dict[tuple[Any, ...], list[Choice]] = {}
+        for choice in choices:
+            groups.setdefault(choice.plan.key, []).append(choice)
+        sent = [await self._send(text, topic, group) for group in groups.values()]
+        reply = dict(sent[0])
+        reply["decisions"] = {c.receiver: c.decision for c in choices}
+        reply["cards"] = {r: s["card"] for s in sent for r in s["receivers"]}
+        if len(sent) > 1:
+            reply["artifacts"] = sent
+        self.events.emit("card_published", **{k: v for k, v in reply.items() if k != "artifacts"})
+        return reply
+
+    async def _send(self, text: str, topic: str, group: list[Any]) -> dict[str, Any]:
+        """Make one plan's artifact and publish it for ``group``'s receivers: a split's head first."""
+        from .roles_reader import PrefillCache, head_message, read_document
+
+        assert self._bus is not None
+        bus, plan = self._bus, group[0].plan
+        if self._prefill_cache is None:
+            self._prefill_cache = PrefillCache()
+        try:
+            result = await self._worker.run(
+                functools.partial(read_document, sender=self.config.name, cache=self._prefill_cache),
+                self.lm,
+                text,
+                plan,
+            )
+        except ValueError as exc:
+            raise AskError(f"cannot make a {plan.kind} of this document: {exc}") from None
+        receivers = [c.receiver for c in group if c.receiver != "*"]
+        addressed: dict[str, Any] = {"for": receivers} if receivers else {}
+        sent_at_wall = time.time()
+        head_card = None
+        encoded = result.encoded
+        if result.head is not None and encoded is not None:
+            data, meta = head_message(result.head, encoded.card_id)
+            head_card = await bus.publish_card(
+                topic,
+                data,
+                card_id=f"head-{encoded.card_id}",
+                meta={**meta, **addressed, "sent_at": sent_at_wall},
+            )
+        # A text's id is fresh per send: the same document sent twice is two hand-offs, each timed, where
+        # a content id would make the second a duplicate the receiver skips.
+        card_id = await bus.publish_card(
+            topic,
+            result.data,
+            card_id=f"text-{secrets.token_hex(12)}" if encoded is None else encoded.card_id,
+            meta={**result.meta(), **addressed, "sent_at": sent_at_wall},
         )
         self._published += 1
-        reply = result.reply(topic)
-        reply["card"] = card_id
-        self.events.emit("card_published", **reply)
+        reply = result.reply()
+        reply.update(
+            card=card_id, head_card=head_card, topic=topic, receivers=receivers, sent_at=sent_at_wall
+        )
         return reply
 
     # ------------------------------------------------------------------ presence
@@ -421,13 +620,34 @@ class Agent:
             "rss": reading.process_rss,
             "draining": self._draining,
         }
+        if self._prefill_model is not None:
+            info.update(self._prefill_model.advertised())
+            info["decode_bps"] = round(self._decode_bps)
+            info["question_s"] = round(self._question_s, 4)
+            info["join_bps"] = round(self._join_bps)
         if self._store is not None:
             stats = self._store.statistics()
             info.update(cards=stats.entries, store_bytes=stats.bytes, store_budget=stats.budget)
+            info["links"] = self._links()
         if self.config.reader is not None:
-            r = self.config.reader
-            info["budget"] = {"bits": r.bits, "keep": r.keep, "layers": r.layers, "facts": r.facts}
+            info["budget"] = self._budget_info()
         self._bus.set_presence_info(info)
+
+    def _links(self) -> dict[str, dict[str, float]]:
+        """This receiver's measured links to its peers, for their budget policies (bounded)."""
+        assert self._bus is not None
+        out: dict[str, dict[str, float]] = {}
+        for peer in self._bus.peers()[:MAX_ADVERTISED_LINKS]:
+            link = self._bus.link(peer.node_id)
+            if link.samples or link.rtt_s:
+                out[peer.node_id] = {"bw": round(link.bandwidth_bps), "rtt": link.rtt_s, "n": link.samples}
+        return out
+
+    def _budget_info(self) -> dict[str, Any]:
+        r = self.config.reader
+        assert r is not None
+        mode = "auto" if self._chooser is not None and self._chooser.policy is not None else "fixed"
+        return {"bits": r.bits, "keep": r.keep, "layers": r.layers, "facts": r.facts, "policy": mode}
 
     async def _presence_loop(self) -> None:
         while True:
@@ -436,6 +656,7 @@ class Agent:
                 shed = await asyncio.to_thread(self._store.refresh)
                 for card_id in shed:
                     self._received.pop(card_id, None)
+                    self._book.forget(card_id)
             self._refresh_presence()
 
     # ------------------------------------------------------------------ requests
@@ -466,9 +687,12 @@ class Agent:
             raise AskError(f"node {self.config.name!r} is not a {' or '.join(roles)}")
 
     async def _req_read(self, body: dict[str, Any]) -> dict[str, Any]:
+        from .reader_policy import fixed_budget, parse_override
         from .roles_reader import MAX_DOCUMENT_BYTES
 
         self._need_role("reader")
+        assert self.config.reader is not None
+        override = parse_override(body, fixed_budget(self.config.reader))
         text, topic = body.get("text"), body.get("topic")
         if not isinstance(text, str) or not text.strip():
             raise AskError("'text' must be a non-empty string")
@@ -476,7 +700,7 @@ class Agent:
             raise AskError(f"'text' exceeds {MAX_DOCUMENT_BYTES} bytes")
         if topic is not None and (not isinstance(topic, str) or not 0 < len(topic) <= 200):
             raise AskError("'topic' must be a string of 1-200 characters")
-        return await self._read(text, topic)
+        return await self._read(text, topic, override)
 
     async def _req_ask(self, body: dict[str, Any]) -> dict[str, Any]:
         from .roles_answerer import answer_card, check_question
@@ -496,20 +720,78 @@ class Agent:
         if not isinstance(wait_s, int | float) or isinstance(wait_s, bool) or not wait_s >= 0:
             raise AskError("'wait_s' must be a non-negative number")
         record = await self._wait_for_card(card_id, min(float(wait_s), self._holder_cfg.card_wait_s))
+        head = await self._head_for(card_id, record)
         try:
             data = self._store.pin(card_id)
         except KeyError:
             raise AskError(f"card {card_id} is no longer held (evicted under memory pressure)") from None
         try:
-            result = await self._worker.run(answer_card, self.lm, data, question, max_new)
+            if record.text:
+                result = await self._answer_text(data.decode("utf-8"), question, max_new)
+            else:
+                snapshot = None if head is None else head.snapshot
+                result = await self._worker.run(answer_card, self.lm, data, question, max_new, snapshot)
+                self._observe_answer(len(data), result, record.summary)
         finally:
             self._store.unpin(card_id)
         result.update(record.summary.as_dict())
         result.update(card=card_id, node=self.config.name, transfer_s=record.transfer_s)
+        result["head_prefill_s"] = None if head is None else head.prefill_s
+        now, now_wall = time.monotonic(), time.time()
+        result.update(
+            handoff_times(self._book.timing(card_id), record.stored, head, now_wall=now_wall, now=now)
+        )
+        if result["handoff_s"] is not None:
+            result["handoff_ttft_s"] = result["handoff_s"] + float(result["ttft_s"])
+        return result
+
+    def _observe_answer(self, nbytes: int, result: Mapping[str, Any], summary: Any) -> None:
+        """A real card answer refines the advertised decode, question and join speeds (start-up cards are
+        small)."""
+        from .roles_answerer import PREFILL_EWMA_ALPHA as alpha
+
+        decode_s, head_s, ttft_s = (float(result[k]) for k in ("decode_s", "head_s", "ttft_s"))
+        if nbytes > 0 and decode_s > 0:
+            self._decode_bps = (1 - alpha) * self._decode_bps + alpha * nbytes / decode_s
+        if result.get("head_source") == "message" and head_s > 0:
+            joined = _kv_bytes_per_token(self.lm) * int(summary.context_tokens)
+            self._join_bps = (1 - alpha) * self._join_bps + alpha * joined / head_s
+        question_s = ttft_s - decode_s - head_s
+        if question_s > 0:
+            self._question_s = (1 - alpha) * self._question_s + alpha * question_s
+
+    async def _head_for(self, card_id: str, record: Received) -> HeadResult | None:
+        """The prefilled head of a split card, waiting for its prefill; None if it never came or failed."""
+        from qkv import CardError
+
+        job = self._book.head(card_id)
+        if job is None or record.text or not record.summary.head_tokens:
+            return None
+        try:
+            return await asyncio.shield(job)  # None: the head was refused (and reported) as input
+        except asyncio.CancelledError:
+            if job.cancelled():
+                return None  # the head job was cancelled (drain); answer by prefilling from the card
+            raise
+        except (CardError, RuntimeError, ValueError) as exc:
+            # A bad head (ids outside the vocabulary, a model error) falls back to the card's own head ids.
+            log.warning("head of %s could not be prefilled (%s): prefilling it from the card", card_id, exc)
+            return None
+
+    async def _answer_text(self, context: str, question: str, max_new: int) -> dict[str, Any]:
+        """Re-prefill ``context`` and answer; the real prefill refines the advertised prefill speed."""
+        from .roles_answerer import answer_text
+
+        result = await self._worker.run(answer_text, self.lm, context, question, max_new)
+        if self._prefill_model is not None:
+            self._prefill_model.observe(int(result["context_tokens"]), float(result["ttft_s"]))
         return result
 
     async def _wait_for_card(self, card_id: str, wait_s: float) -> Received:
-        from .roles_answerer import summarise_card
+        from qkv import CardFormatError
+
+        from .roles_answerer import CardSummary, TextSummary, summarise_card
+        from .roles_reader import decode_document
 
         assert self._store is not None
         deadline = time.monotonic() + wait_s
@@ -520,9 +802,19 @@ class Agent:
             if card_id in self._store:
                 # Loaded from a persisted snapshot: summarise it on first use.
                 data = self._store.get(card_id)
-                summary = await self._worker.run(summarise_card, card_id, data, self.lm)
+                summary: CardSummary | TextSummary
+                try:
+                    summary = await self._worker.run(summarise_card, card_id, data, self.lm)
+                    text = False
+                except CardFormatError:
+                    # Not a card: a document handed over as text (or nothing usable).
+                    try:
+                        decode_document(data)
+                    except ValueError:
+                        raise AskError(f"card {card_id} is held but is neither a card nor text") from None
+                    summary, text = TextSummary(card_id=card_id, text_bytes=len(data), sender=""), True
                 record = self._received[card_id] = Received(
-                    summary=summary, topic="", sender=summary.sender, transfer_s=0.0
+                    summary=summary, topic="", sender=summary.sender, transfer_s=0.0, text=text
                 )
                 return record
             if self._draining:
@@ -540,7 +832,7 @@ class Agent:
         self._arrived = asyncio.Event()
 
     async def _req_ask_text(self, body: dict[str, Any]) -> dict[str, Any]:
-        from .roles_answerer import answer_text, check_question
+        from .roles_answerer import check_question
 
         self._need_role("answerer", "relay")
         context = body.get("context")
@@ -552,7 +844,7 @@ class Agent:
             )
         except ValueError as exc:
             raise AskError(str(exc)) from None
-        result = await self._worker.run(answer_text, self.lm, context, question, max_new)
+        result = await self._answer_text(context, question, max_new)
         result["node"] = self.config.name
         return result
 
@@ -593,8 +885,7 @@ class Agent:
             out["store"] = _plain(self._store.statistics())
             out["cards"] = {cid: rec.summary.as_dict() for cid, rec in list(self._received.items())[-32:]}
         if self.config.reader is not None:
-            r = self.config.reader
-            out["budget"] = {"bits": r.bits, "keep": r.keep, "layers": r.layers, "facts": r.facts}
+            out["budget"] = self._budget_info()
         return out
 
 
@@ -607,10 +898,28 @@ def _plain(snapshot: Any) -> dict[str, Any]:
     }
 
 
-def _measure_prefill(lm: Any) -> float:
-    from .roles_answerer import measure_prefill_speed
+def _measure_speeds(lm: Any) -> tuple[PrefillModel, float, float, float]:
+    """(prefill model, card decode bytes/s, question seconds, join bytes/s) of this node, at start."""
+    from .roles_answerer import measure_card_answer, measure_prefill
 
-    return measure_prefill_speed(lm)
+    return (measure_prefill(lm), *measure_card_answer(lm))
+
+
+def _plan_chooser(reader: ReaderConfig, name: str, model: str) -> PlanChooser:
+    from .reader_policy import PlanChooser, fixed_budget, load_policy
+
+    return PlanChooser(
+        load_policy(reader.policy, model),
+        fixed=fixed_budget(reader),
+        assumed_bandwidth_bps=reader.policy.assumed_link_mbit * 1e6 / 8,
+        name=name,
+    )
+
+
+def _kv_bytes_per_token(lm: Any) -> int:
+    """fp16 K and V bytes per context token of this model (what a whole card decodes into)."""
+    fp = lm.fingerprint
+    return int(2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * 2)
 
 
 # ---------------------------------------------------------------------------------------------- entry

@@ -8,6 +8,7 @@ a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -142,8 +143,46 @@ def _bench_handoff(args: argparse.Namespace) -> int:
         bits=args.bits,
         tokens=tuple(int(t) for t in args.tokens.split(",")),
         conditions=tuple(args.conditions.split(",")),
+        split=args.split,
     )
     run_handoff_bench(args.json, args.plot, config=config)
+    return 0
+
+
+def _policy_table(args: argparse.Namespace) -> int:
+    """Generate the budget policy's rate-quality table from quality-benchmark results."""
+    from nodes.bench.rate_quality import build_table, model_kv_bytes_per_token, shipped_table_path
+    from nodes.bench.table import format_table
+
+    kv = args.kv_bytes_per_token or model_kv_bytes_per_token(args.model)
+    table, pruned = build_table(args.results, model=args.model, kv_bytes_per_token=kv)
+    out = args.out or shipped_table_path(args.model)
+    table.save(out)
+    columns = ("representation", "condition", "bits", "keep", "layers", "bytes_per_token", "quality")
+    print(format_table([dataclasses.asdict(p) for p in table.points], columns))
+    for point in pruned:
+        print(f"pruned (another point is no bigger and at least as good): {point.condition}")
+    print(f"{len(table.points)} points, quality = {table.metric}, from {table.source}\nwritten: {out}")
+    return 0
+
+
+def _bench_policy(args: argparse.Namespace) -> int:
+    from nodes.bench.policy import ALTERNATIVES, PolicyBenchConfig, run_policy_bench
+
+    alternatives = tuple(args.alternatives.split(",")) if args.alternatives else tuple(ALTERNATIVES)
+    unknown = sorted(set(alternatives) - set(ALTERNATIVES))
+    if unknown:
+        print(f"edgebus bench policy: unknown alternative {unknown[0]!r}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    config = PolicyBenchConfig(
+        model=args.model,
+        links_mbit=tuple(float(x) for x in args.links.split(",")),
+        tokens=tuple(int(t) for t in args.tokens.split(",")),
+        alternatives=alternatives,
+        cap_s=args.cap,
+        quality_floor=args.quality_floor,
+    )
+    run_policy_bench(args.json, args.plot, config=config)
     return 0
 
 
@@ -212,18 +251,29 @@ def _send(args: argparse.Namespace) -> int:
         raise NodeError(f"{args.file}: cannot read: {exc}") from exc
     targets, keys = _client_targets(args)
 
+    body: dict[str, Any] = {"op": "read", "text": text, "topic": args.topic}
+    if args.representation:
+        body["representation"] = args.representation
+        if args.bits is not None:
+            body["budget"] = {"bits": args.bits}
+        if args.head_tokens is not None:
+            body["head_tokens"] = args.head_tokens
+
     async def go() -> dict[str, Any]:
         async with connect(targets, keys=keys) as client:
-            return await client.request(
-                client.node, {"op": "read", "text": text, "topic": args.topic}, timeout_s=args.timeout
-            )
+            return await client.request(client.node, body, timeout_s=args.timeout)
 
     reply = asyncio.run(go())
-    print(
-        f"card {reply['card']} on {reply['topic']}: {reply['context_tokens']} tokens, "
-        f"{reply['card_bytes']} bytes at {reply['bits']} bits (fp16 KV {reply['fp16_bytes']} bytes), "
-        f"prefill {float(reply['prefill_s']):.2f} s"
+    rep = reply.get("representation", "card")
+    what = (
+        f"text, {reply.get('text_bytes')} bytes"
+        if rep == "text"
+        else f"{reply['card_bytes']} bytes at {reply['bits']} bits (fp16 KV {reply['fp16_bytes']} bytes)"
+        + (f", head of {reply['head_tokens']} tokens sent ahead" if rep == "split" else "")
     )
+    print(f"{rep} {reply['card']} on {reply['topic']}: {reply['context_tokens']} tokens, {what}")
+    for receiver, decision in (reply.get("decisions") or {}).items():
+        print(f"  for {receiver}: {decision.get('reason')}")
     return 0
 
 
@@ -243,11 +293,14 @@ def _ask(args: argparse.Namespace) -> int:
 
     r = asyncio.run(go())
     print(r["answer"])
-    print(
-        f"  [{r['node']}] TTFT {float(r['ttft_s']):.3f} s from a {r['bits']}-bit card: "
-        f"{r['card_bytes']} bytes, {r['card_tokens']} tokens (fp16 KV {r['fp16_bytes']} bytes)",
-        file=sys.stderr,
+    rep = r.get("representation", "card")
+    source = (
+        f"re-read text of {r.get('text_bytes')} bytes"
+        if rep == "text"
+        else f"a {r['bits']}-bit {rep} card: {r['card_bytes']} bytes, {r['card_tokens']} tokens "
+        f"(fp16 KV {r['fp16_bytes']} bytes)"
     )
+    print(f"  [{r['node']}] TTFT {float(r['ttft_s']):.3f} s from {source}", file=sys.stderr)
     return 0
 
 
@@ -332,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     send = sub.add_parser("send", help="have a reader node prefill a document and publish its card")
     send.add_argument("file", help="text file, or - for stdin")
     send.add_argument("--topic", required=True)
+    send.add_argument(
+        "--representation", choices=("text", "card", "split"), default=None, help="override the policy"
+    )
+    send.add_argument("--bits", type=int, default=None, help="with --representation card or split")
+    send.add_argument("--head-tokens", type=int, default=None, help="with --representation split")
     _add_client_options(send)
     send.set_defaults(handler=_send)
 
@@ -361,6 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--out", type=Path, default=None, help="output file (default: the store's profiles/)")
     calib.set_defaults(handler=_calibrate)
 
+    policy = sub.add_parser("policy", help="the budget policy's inputs").add_subparsers(
+        dest="action", required=True
+    )
+    table = policy.add_parser("table", help="rate-quality table from `edgebus bench quality --kl` results")
+    table.add_argument(
+        "--from", dest="results", type=Path, action="append", required=True, help="a quality bench JSON"
+    )
+    table.add_argument("--model", default="smollm2-135m-instruct")
+    table.add_argument("--kv-bytes-per-token", type=int, default=None, help="default: from the model config")
+    table.add_argument("--out", type=Path, default=None, help="default: qkv/profiles/<model>-rq.json")
+    table.set_defaults(handler=_policy_table)
+
     bench = sub.add_parser("bench", help="benchmarks that print tables").add_subparsers(
         dest="action", required=True
     )
@@ -389,9 +459,22 @@ def build_parser() -> argparse.ArgumentParser:
     handoff.add_argument("--bits", type=int, default=4)
     handoff.add_argument("--tokens", default="1024,2048,4096")
     handoff.add_argument("--conditions", default="loopback,100mbit,20mbit")
+    handoff.add_argument(
+        "--split", action=argparse.BooleanOptionalAction, default=True, help="also a split hand-off"
+    )
     handoff.add_argument("--json", type=Path, default=None)
     handoff.add_argument("--plot", type=Path, default=Path("out/handoff_ttft.png"))
     handoff.set_defaults(handler=_bench_handoff)
+    bpolicy = bench.add_parser("policy", help="the budget policy's choice vs fixed alternatives, per link")
+    bpolicy.add_argument("--model", default="smollm2-135m-instruct")
+    bpolicy.add_argument("--links", default="1,10,100,1000", help="link rates in Mbit/s (tc tbf, netns)")
+    bpolicy.add_argument("--tokens", default="1024,4096")
+    bpolicy.add_argument("--alternatives", default=None, help="comma-separated subset (default: all)")
+    bpolicy.add_argument("--cap", type=float, default=75.0, help="seconds per alternative before '> cap'")
+    bpolicy.add_argument("--quality-floor", type=float, default=0.9)
+    bpolicy.add_argument("--json", type=Path, default=None)
+    bpolicy.add_argument("--plot", type=Path, default=None, help="PNG; one per context size (_1024, _4096)")
+    bpolicy.set_defaults(handler=_bench_policy)
     return parser
 
 

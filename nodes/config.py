@@ -27,6 +27,16 @@ Schema (every section but ``[node]`` optional; a role's section may be left out 
     hmac = "keys/hmac.key"
 
     [reader]     topic, bits, keep, layers, facts, documents = [paths], doc_topics = "doc/"
+    [reader.policy]                       # what the reader sends each receiver (edgebus.BudgetPolicy)
+    mode = "auto"                         # auto: decide per receiver and document; fixed: always a card
+                                          #   at [reader] bits/keep/layers/facts
+    table = "rq.json"                     # rate-quality table (default <model>-rq.json in the store's
+                                          #   profiles/, then the one shipped in qkv/profiles/)
+    quality_floor = 0.9                   # least quality relative to text (the table's metric)
+    deadline_s = 2.0                      # optional TTFT target
+    assumed_link_mbit = 10.0              # bandwidth assumed before the receiver has measured the link
+    split = true                          # consider split hand-offs (head ids ahead, tail card behind)
+    split_min_head = 256
     [answerer]   topics = "kv/", store_mib, reserve_mib, max_new_tokens, persist, card_wait_s
     [relay]      topics = "kv/", out_topic, question, max_new_tokens, bits
 
@@ -83,6 +93,17 @@ class BusSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReaderPolicyConfig:
+    mode: Literal["auto", "fixed"] = "auto"
+    table: Path | None = None
+    quality_floor: float = 0.9
+    deadline_s: float | None = None
+    assumed_link_mbit: float = 10.0
+    split: bool = True
+    split_min_head: int = 256
+
+
+@dataclass(frozen=True, kw_only=True)
 class ReaderConfig:
     topic: str
     bits: int = 4
@@ -91,6 +112,7 @@ class ReaderConfig:
     facts: bool = False
     documents: tuple[Path, ...] = ()
     doc_topics: str | None = None
+    policy: ReaderPolicyConfig = ReaderPolicyConfig()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -346,7 +368,29 @@ def _reader(t: _Table, name: str) -> ReaderConfig:
         facts=t.get("facts", bool, False),
         documents=tuple(_paths(t, "documents")),
         doc_topics=t.topic("doc_topics", None),
+        policy=_reader_policy(_Table(t.file, "reader.policy", t.get("policy", dict, {}))),
     )
+
+
+def _reader_policy(t: _Table) -> ReaderPolicyConfig:
+    mode = t.get("mode", str, "auto")
+    if mode not in ("auto", "fixed"):
+        raise t.error("mode", f"must be auto or fixed, got {mode!r}")
+    floor = t.get("quality_floor", float, 0.9)
+    if not 0 <= floor <= 1:
+        raise t.error("quality_floor", f"must be in [0, 1] (relative to text), got {floor!r}")
+    min_head = t.positive("split_min_head", int, 256)
+    config = ReaderPolicyConfig(
+        mode=mode,
+        table=t.path("table", None, must_exist="file"),
+        quality_floor=floor,
+        deadline_s=t.positive("deadline_s", float, None),
+        assumed_link_mbit=t.positive("assumed_link_mbit", float, 10.0),
+        split=t.get("split", bool, True),
+        split_min_head=min_head,
+    )
+    t.finish()
+    return config
 
 
 def _paths(t: _Table, name: str) -> list[Path]:

@@ -1,7 +1,9 @@
-"""Answerer role, model side: answer a question from a stored card, or from re-prefilled text (baseline).
+"""Answerer role, model side: answer a question from a stored card (whole or split), or from text.
 
-Blocking torch work, run in the agent's model thread. Also the start-up measurement of prefill speed that the
-answerer advertises in its presence info.
+Blocking torch work, run in the agent's model thread. Also the start-up measurements the answerer advertises
+in its presence info for the readers' budget policy: prefill speed, fitted as ``t(m) = m / tps + q * m**2``
+from two lengths (attention makes long prefills slower per token) and refined by the real prefills the node
+does (:class:`PrefillModel`), and card decode speed.
 """
 
 from __future__ import annotations
@@ -11,10 +13,27 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from qkv import CardInfo, LoadedModel, answer_from_card, answer_from_text, prefill, read_card_info
+from qkv import (
+    Budget,
+    CardInfo,
+    KVSnapshot,
+    LoadedModel,
+    SplitHead,
+    answer_from_card,
+    answer_from_text,
+    encode_observation,
+    encode_split,
+    observe,
+    prefill,
+    prefill_head,
+    read_card_info,
+    split_head,
+)
 
-#: Tokens prefilled to measure prefill speed at start (after a short warm-up forward).
-PREFILL_PROBE_TOKENS = 256
+#: Token counts prefilled to measure prefill speed at start (after a short warm-up forward).
+PREFILL_PROBE_TOKENS = (256, 1024)
+#: Weight of one real prefill (or card decode) in the correction of the start-up measurements.
+PREFILL_EWMA_ALPHA = 0.5
 MAX_QUESTION_CHARS = 4000
 MAX_NEW_TOKENS_LIMIT = 256
 _PROBE_TEXT = (
@@ -34,16 +53,31 @@ class CardSummary:
     fp16_bytes: int  # whole-context fp16 KV when the sender recorded it, else the card's own
     bits: float
     sender: str
+    head_tokens: int = 0  # a split card: the head it lacks
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "representation": "split" if self.head_tokens else "card",
             "card_bytes": self.card_bytes,
             "card_tokens": self.card_tokens,
+            "head_tokens": self.head_tokens,
             "context_tokens": self.context_tokens,
             "fp16_bytes": self.fp16_bytes,
             "bits": self.bits,
             "sender": self.sender,
         }
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextSummary:
+    """A document received as text: the answerer re-prefills it when asked."""
+
+    card_id: str
+    text_bytes: int
+    sender: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"representation": "text", "text_bytes": self.text_bytes, "sender": self.sender}
 
 
 def mean_width(info: CardInfo) -> float:
@@ -65,6 +99,7 @@ def summarise_card(card_id: str, data: bytes, lm: LoadedModel) -> CardSummary:
     extra = info.meta.extra
     context_tokens = extra.get("context_tokens")
     fp16 = extra.get("fp16_bytes")
+    head = split_head(info)
     return CardSummary(
         card_id=card_id,
         card_bytes=len(data),
@@ -73,6 +108,7 @@ def summarise_card(card_id: str, data: bytes, lm: LoadedModel) -> CardSummary:
         fp16_bytes=fp16 if type(fp16) is int else info.fp16_bytes,
         bits=mean_width(info),
         sender=info.sender,
+        head_tokens=0 if head is None else head.num_tokens,
     )
 
 
@@ -87,16 +123,46 @@ def check_question(question: object, max_new_tokens: object) -> tuple[str, int]:
     return question, max_new_tokens
 
 
-def answer_card(lm: LoadedModel, data: bytes, question: str, max_new_tokens: int) -> dict[str, Any]:
-    """Answer from the card; ``ttft_s`` covers verifying and decoding the card, injection and the question."""
-    answer = answer_from_card(lm, data, question, max_new_tokens=max_new_tokens)
+def answer_card(
+    lm: LoadedModel, data: bytes, question: str, max_new_tokens: int, head: KVSnapshot | None = None
+) -> dict[str, Any]:
+    """Answer from the card; ``ttft_s`` covers verifying and decoding the card, injection and the question.
+
+    A split card is joined with ``head`` (prefilled ahead from the head message); without one, or when the
+    given head does not belong to the card, its head is prefilled from the card's own ids first, and
+    ``head_s`` (inside ``ttft_s``) says how long that took.
+    """
+    from qkv import CardCompatError
+
+    head_source = "none"
+    try:
+        answer = answer_from_card(lm, data, question, max_new_tokens=max_new_tokens, head=head)
+        if head is not None:
+            head_source = "message"
+    except CardCompatError:
+        if head is None:
+            raise
+        # The head message named this card but holds other tokens: the card's own record is authoritative.
+        answer = answer_from_card(lm, data, question, max_new_tokens=max_new_tokens)
+        head_source = "card (head message did not match)"
+    if head is None and answer.head_s > 0:
+        head_source = "card"
     return {
         "answer": answer.text,
         "ttft_s": answer.ttft_s,
         "decode_s": answer.decode_s,
-        "total_s": answer.decode_s + answer.generation.total_s,
+        "head_s": answer.head_s,
+        "head_source": head_source,
+        "total_s": answer.decode_s + answer.head_s + answer.generation.total_s,
         "new_tokens": answer.generation.new_tokens,
     }
+
+
+def prefill_split_head(lm: LoadedModel, head: SplitHead) -> tuple[KVSnapshot, float]:
+    """(snapshot, seconds) of a split's head, prefilled before its card arrives."""
+    start = time.perf_counter()
+    snapshot = prefill_head(lm, head)
+    return snapshot, time.perf_counter() - start
 
 
 def answer_text(lm: LoadedModel, context: str, question: str, max_new_tokens: int) -> dict[str, Any]:
@@ -112,12 +178,91 @@ def answer_text(lm: LoadedModel, context: str, question: str, max_new_tokens: in
     }
 
 
-def measure_prefill_speed(lm: LoadedModel, tokens: int = PREFILL_PROBE_TOKENS) -> float:
-    """Prefill tokens per second on this node, measured after a warm-up forward."""
+class PrefillModel:
+    """Prefill time ``t(m) = m / tokens_per_s + s_per_token2 * m**2``: fitted at start, corrected by use.
+
+    Each real prefill (a text answer, a split's head) moves a multiplicative correction of the fit towards
+    ``measured / predicted`` (an EWMA), so a node that got slower or faster than at start advertises it.
+    """
+
+    def __init__(self, tokens_per_s: float, s_per_token2: float) -> None:
+        if not tokens_per_s > 0 or s_per_token2 < 0:
+            raise ValueError("prefill speed must be positive and the quadratic term non-negative")
+        self._tps = tokens_per_s
+        self._q = s_per_token2
+        self._scale = 1.0
+
+    @classmethod
+    def fit(cls, samples: list[tuple[int, float]]) -> PrefillModel:
+        """Fit from two (tokens, seconds) samples; a negative quadratic term (noise) falls back to linear."""
+        (n1, t1), (n2, t2) = sorted(samples)[:1] + sorted(samples)[-1:]
+        q = (t2 / n2 - t1 / n1) / (n2 - n1) if n2 != n1 else 0.0
+        per_token = t1 / n1 - q * n1
+        if q < 0 or per_token <= 0:
+            q, per_token = 0.0, t2 / n2
+        return cls(1.0 / per_token, q)
+
+    def predict_s(self, tokens: int) -> float:
+        return self._scale * (tokens / self._tps + self._q * tokens * tokens)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """One real prefill of ``tokens`` tokens that took ``seconds``."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        ratio = seconds / (tokens / self._tps + self._q * tokens * tokens)
+        self._scale = (1 - PREFILL_EWMA_ALPHA) * self._scale + PREFILL_EWMA_ALPHA * ratio
+
+    def advertised(self) -> dict[str, float]:
+        """Presence fields: ``prefill_tps`` (linear term, corrected) and ``prefill_q`` (s per token^2)."""
+        return {"prefill_tps": round(self._tps / self._scale, 2), "prefill_q": self._q * self._scale}
+
+
+def _probe_ids(lm: LoadedModel, tokens: int) -> list[int]:
     ids: list[int] = []
     while len(ids) < tokens:
         ids.extend(lm.tokenizer.encode(_PROBE_TEXT, add_special_tokens=False))
+    return ids[:tokens]
+
+
+def measure_prefill(lm: LoadedModel, sizes: tuple[int, ...] = PREFILL_PROBE_TOKENS) -> PrefillModel:
+    """Prefill speed on this node at two lengths, measured after a warm-up forward."""
+    limit = int(getattr(lm.model.config, "max_position_embeddings", max(sizes)) or max(sizes))
+    sizes = tuple(min(size, limit // 2) for size in sizes)
+    prefill(lm, _probe_ids(lm, 16))
+    samples = []
+    for size in sizes:
+        ids = _probe_ids(lm, size)
+        start = time.perf_counter()
+        prefill(lm, ids)
+        samples.append((size, max(time.perf_counter() - start, 1e-9)))
+    return PrefillModel.fit(samples)
+
+
+def measure_card_answer(lm: LoadedModel, tokens: int = 256) -> tuple[float, float, float]:
+    """(decode bytes/s, question seconds, join bytes/s) of this node answering from cards of the probe text.
+
+    The question seconds run from a ready cache to the first token (the question's prefill and one decode
+    step): a cost every representation pays after its context is in place. Join: a split card of the same
+    text answered with its head prefilled ahead; bytes are the whole context's fp16 KV, the unit the
+    policy counts in.
+    """
+    text = lm.tokenizer.decode(_probe_ids(lm, tokens))
+    question = "What is this text about?"
+    obs = observe(lm, text)
+    whole = encode_observation(lm, obs, Budget(bits=4), context=text)
+    answer = answer_from_card(lm, whole.data, question, max_new_tokens=1)
+    split = encode_split(lm, text, Budget(bits=4), head_tokens=obs.snapshot.num_tokens // 2)
+    assert split.head is not None
+    joined = answer_from_card(lm, split.data, question, max_new_tokens=1, head=prefill_head(lm, split.head))
+    decode_bps = whole.card_bytes / max(answer.decode_s, 1e-9)
+    join_bps = obs.snapshot.fp16_bytes() / max(joined.head_s, 1e-9)
+    return decode_bps, answer.generation.ttft_s, join_bps
+
+
+def measure_prefill_speed(lm: LoadedModel, tokens: int = PREFILL_PROBE_TOKENS[0]) -> float:
+    """Prefill tokens per second on this node at one length, measured after a warm-up forward."""
+    ids = _probe_ids(lm, tokens)
     prefill(lm, ids[:16])
     start = time.perf_counter()
-    prefill(lm, ids[:tokens])
+    prefill(lm, ids)
     return tokens / max(time.perf_counter() - start, 1e-9)

@@ -111,7 +111,8 @@ def _size(n: object) -> str:
 def _budget(b: object) -> str:
     if not isinstance(b, Mapping):
         return "-"
-    return f"{b.get('bits')}-bit keep {b.get('keep')} layers {b.get('layers')}"
+    policy = f", policy {b['policy']}" if b.get("policy") else ""
+    return f"{b.get('bits')}-bit keep {b.get('keep')} layers {b.get('layers')}{policy}"
 
 
 def format_status(report: Mapping[str, Any]) -> str:

@@ -23,6 +23,7 @@ from edgebus._policy import (
     PolicyInputs,
     RateQualityPoint,
     RateQualityTable,
+    balanced_head,
 )
 
 MB = 1_000_000
@@ -76,7 +77,8 @@ def inputs(**overrides: object) -> PolicyInputs:
 
 
 def policy(**config: object) -> BudgetPolicy:
-    settings: dict[str, object] = {"quality_floor": 0.85}
+    """Text and whole cards only, unless ``split=True``: the split tests below add the split candidates."""
+    settings: dict[str, object] = {"quality_floor": 0.85, "split": False}
     settings.update(config)
     return BudgetPolicy(TABLE, PolicyConfig(**settings))  # type: ignore[arg-type]
 
@@ -107,7 +109,7 @@ def test_predicted_ttft_follows_the_documented_model() -> None:
     decide = {
         rep: BudgetPolicy(
             RateQualityTable(points=tuple(p for p in table.candidates() if p.representation == rep)),
-            PolicyConfig(quality_floor=0.0),
+            PolicyConfig(quality_floor=0.0, split=False),
         ).decide(x)
         for rep in ("card", "hybrid")
     }
@@ -278,6 +280,125 @@ def test_every_decision_is_logged_with_its_inputs(caplog: pytest.LogCaptureFixtu
     assert d.inputs.rtt_s == 0.0123
 
 
+# ---------------------------------------------------------------- split: head ids ahead, tail card behind
+
+MBIT = 1e6 / 8  # bytes per second in one Mbit/s
+
+
+def split_inputs(**overrides: object) -> PolicyInputs:
+    """4K tokens to a receiver that prefills 490 tokens/s (the idle 4K re-prefill took 8.4 s)."""
+    base: dict[str, object] = {
+        "context_tokens": 4096,
+        "text_bytes": 4 * 4096,
+        "prefill_tokens_per_s": 490.0,
+        "bandwidth_bytes_per_s": 20 * MBIT,
+        "rtt_s": 0.001,
+        "inject_bytes_per_s": 2e9,
+        "decode_bytes_per_s": 3e8,
+    }
+    base.update(overrides)
+    return inputs(**base)
+
+
+def test_split_balances_head_prefill_against_tail_transfer() -> None:
+    x = split_inputs()
+    d = policy(split=True, quality_floor=0.95).decide(x)
+    assert d.representation == "split"
+    assert d.bits == 4  # the floor leaves 8-bit and 4-bit; at 20 Mbit/s the smaller card splits better
+    h, n, bpt = d.head_tokens, 4096, 6_445
+    head_side = x.rtt_s + 4 * h / x.bandwidth_bytes_per_s + h / 490
+    tail_side = x.rtt_s + (4 * h + bpt * (n - h)) / x.bandwidth_bytes_per_s
+    after = bpt * (n - h) / 3e8 + KV * n / 2e9 + KV * n / x.join_bytes_per_s  # decode, inject, join
+    assert math.isclose(d.predicted_ttft_s, max(head_side, tail_side) + after)
+    # Balanced: one token either way moves the slower side past the other.
+    assert abs(head_side - tail_side) <= 1 / 490 + bpt / x.bandwidth_bytes_per_s
+    assert d.wire_bytes == round(4 * h + bpt * (n - h))
+    assert d.predicted_quality == 0.96  # the card's quality at that budget
+    assert "head=" in d.describe()
+
+
+def test_split_beats_both_text_and_card_where_neither_is_fast() -> None:
+    x = split_inputs()
+    whole = policy(quality_floor=0.95).decide(x)  # no split candidates
+    split = policy(split=True, quality_floor=0.95).decide(x)
+    text = x.prefill_s(4096) + x.rtt_s + x.text_bytes / x.bandwidth_bytes_per_s
+    assert whole.representation == "text"  # a 26 MB card needs 10.6 s at 20 Mbit/s; text 8.4 s
+    assert split.predicted_ttft_s < 0.6 * min(whole.predicted_ttft_s, text)
+
+
+def test_no_split_on_a_fast_link_or_for_a_short_context_on_a_slow_one() -> None:
+    fast = policy(split=True).decide(split_inputs(bandwidth_bytes_per_s=1000 * MBIT))
+    assert fast.representation == "card"  # the balancing head is below split_min_head
+    slow = policy(split=True).decide(split_inputs(bandwidth_bytes_per_s=0.1 * MBIT, context_tokens=200))
+    assert slow.representation == "text"  # the balancing head is nearly the whole context
+
+
+def test_split_quality_floor_and_receiver_ram_follow_the_card() -> None:
+    p = policy(split=True, quality_floor=0.97)
+    d = p.decide(split_inputs())
+    assert (d.representation, d.bits) == ("split", 8)  # 4-bit (0.96) is under the floor
+    tail = 12_207 * (4096 - d.head_tokens)
+    # Receiver RAM: the tail card plus the whole context's fp16 KV, so a headroom just under that refuses it.
+    tight = split_inputs(receiver_headroom_bytes=int(tail + KV * 4096) - 1)
+    assert p.decide(tight).representation != "split"
+
+
+def test_quadratic_prefill_term_slows_text_and_lengthens_the_head() -> None:
+    linear = policy(split=True).decide(split_inputs())
+    quadratic = split_inputs(prefill_s_per_token2=2e-7)
+    assert math.isclose(quadratic.prefill_s(4096), 4096 / 490 + 2e-7 * 4096**2)
+    d = policy(split=True).decide(quadratic)
+    assert d.representation == "split"
+    assert d.head_tokens < linear.head_tokens  # longer heads cost more, so the card carries more
+
+
+def test_split_is_kept_while_its_head_length_follows_a_wobbling_link() -> None:
+    p = policy(split=True)
+    previous: Decision | None = None
+    heads, kinds = [], []
+    for mbit in (20, 18, 22, 19, 21):
+        previous = p.decide(split_inputs(bandwidth_bytes_per_s=mbit * MBIT), previous)
+        heads.append(previous.head_tokens)
+        kinds.append(previous.key)
+    assert len(set(kinds)) == 1
+    assert len(set(heads)) == 5  # the head length is recomputed from each input, not frozen
+
+
+def test_the_answers_own_time_makes_small_transfer_gains_near_ties() -> None:
+    """At 1 Gbit/s the cards differ by 0.1-0.3 s of transfer: against 2 s of answering that is a tie."""
+    x = split_inputs(bandwidth_bytes_per_s=1000 * MBIT)
+    bare = policy(split=True).decide(x)
+    answered = policy(split=True).decide(split_inputs(bandwidth_bytes_per_s=1000 * MBIT, question_s=2.0))
+    assert bare.bits == 3  # the fastest transfer wins when nothing else counts
+    # 3-bit 2.24 s, 4-bit 2.35 s (within 10%: better quality wins), 8-bit 2.59 s (15% slower: out).
+    assert answered.bits == 4
+    assert answered.predicted_ttft_s > 2.0
+    text = policy().decide(split_inputs(bandwidth_bytes_per_s=0.01 * MBIT, question_s=2.0))
+    assert text.representation == "text"
+    assert math.isclose(text.predicted_ttft_s, 0.001 + 4 * 4096 / (0.01 * MBIT) + 4096 / 490 + 2.0)
+
+
+def test_a_slow_join_at_the_receiver_costs_the_split_its_lead() -> None:
+    assert policy(split=True).decide(split_inputs()).representation == "split"
+    # Joining 94 MB of fp16 KV at 10 MB/s takes 9.4 s: more than the split saves at 20 Mbit/s.
+    assert policy(split=True).decide(split_inputs(join_bytes_per_s=1e7)).representation != "split"
+
+
+def test_split_is_derived_never_read_from_a_table() -> None:
+    with pytest.raises(ValueError, match="representation"):
+        RateQualityPoint(representation="split", bits=4, keep=1, layers=1, bytes_per_token=1, quality=1)
+    evicted = RateQualityPoint(
+        representation="card", bits=4, keep=0.5, layers=1, bytes_per_token=3_000, quality=0.99
+    )
+    p = BudgetPolicy(RateQualityTable(points=(evicted,)), PolicyConfig(quality_floor=0.9))
+    assert all(e.representation != "split" for e in p.estimates(split_inputs()))
+
+
+def test_bad_split_config_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="split_min_head"):
+        PolicyConfig(quality_floor=0.9, split_min_head=0)
+
+
 # ---------------------------------------------------------------- validation and table I/O
 
 
@@ -351,6 +472,31 @@ def test_malformed_tables_name_the_problem(tmp_path: Path, document: str, needle
     with pytest.raises(ConfigError, match=r"bad\.json") as raised:
         RateQualityTable.load(path)
     assert needle in str(raised.value)
+
+
+def test_points_differing_only_in_condition_are_different_choices(tmp_path: Path) -> None:
+    plain = card(4, 6_445, 0.96)
+    profiled = dataclasses.replace(plain, condition="adaptive-4", quality=0.98)
+    assert plain.key != profiled.key
+    d = BudgetPolicy(
+        RateQualityTable(points=(plain, profiled)), PolicyConfig(quality_floor=0.5, split=False)
+    ).decide(inputs(bandwidth_bytes_per_s=0.05 * GBIT))
+    assert d.condition == "adaptive-4"  # same size, better quality
+    assert "adaptive-4" in d.describe()
+    table = RateQualityTable(points=(plain, profiled), model="m", metric="exp(-kl)", source="runs.json")
+    table.save(tmp_path / "t.json")
+    assert RateQualityTable.load(tmp_path / "t.json") == table
+
+
+def test_balanced_head_is_where_head_prefill_meets_tail_transfer() -> None:
+    x = split_inputs()
+    point = card(4, 6_445, 0.96)
+    h = balanced_head(point, x)
+    prefill_h = x.prefill_s(h)
+    tail = (6_445 * (4096 - h) + 4 * h) / x.bandwidth_bytes_per_s
+    assert abs(prefill_h - tail) < 0.01 * tail
+    assert balanced_head(point, split_inputs(bandwidth_bytes_per_s=1e12)) == 0  # the card is there at once
+    assert balanced_head(point, split_inputs(bandwidth_bytes_per_s=1.0)) == 4096  # the card never arrives
 
 
 def test_missing_table_file_is_a_config_error(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nodes._errors import ConfigFileError
-from nodes.config import NodeConfig, bus_config, load_node_config
+from nodes.config import NodeConfig, ReaderPolicyConfig, bus_config, load_node_config
 from nodes.demo_processes import write_fleet_keys
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -75,6 +75,37 @@ insecure = true
 """
 
 
+READER = """
+[node]
+name = "r"
+model = "smollm2-135m-instruct"
+roles = ["reader"]
+[bus]
+insecure = true
+bind = "tcp://127.0.0.1:0"
+[reader]
+bits = 4
+"""
+
+
+def test_reader_policy_defaults_to_auto_and_reads_its_section(tmp_path: Path) -> None:
+    cfg = load_node_config(_write(tmp_path, READER), env={})
+    assert cfg.reader is not None
+    assert cfg.reader.policy == ReaderPolicyConfig()
+    assert cfg.reader.policy.mode == "auto"
+    table = tmp_path / "rq.json"
+    table.write_text("{}")
+    body = READER + (
+        '[reader.policy]\nmode = "fixed"\ntable = "rq.json"\nquality_floor = 0.95\ndeadline_s = 2\n'
+        "assumed_link_mbit = 1.5\nsplit = false\nsplit_min_head = 128\n"
+    )
+    policy = load_node_config(_write(tmp_path, body), env={}).reader.policy  # type: ignore[union-attr]
+    assert policy == ReaderPolicyConfig(
+        mode="fixed", table=table, quality_floor=0.95, deadline_s=2.0, assumed_link_mbit=1.5, split=False,
+        split_min_head=128,
+    )  # fmt: skip
+
+
 def test_minimal_insecure_config_takes_defaults(tmp_path: Path) -> None:
     cfg = load_node_config(_write(tmp_path, BASE), env={})
     assert cfg.answerer is not None
@@ -105,6 +136,12 @@ def test_minimal_insecure_config_takes_defaults(tmp_path: Path) -> None:
         (BASE + "heartbeat_s = 5\npeer_timeout_s = 2\n", "bus.peer_timeout_s", "exceed"),
         (BASE + '[[bus.peers]]\nendpoint = "tcp://127.0.0.1:1"\nkey = "x"\n', "bus.peers[0].key", "unknown"),
         ("[node\n", "", "not valid TOML"),
+        (READER + '[reader.policy]\nmode = "smart"\n', "reader.policy.mode", "auto or fixed"),
+        (READER + "[reader.policy]\nquality_floor = 1.5\n", "reader.policy.quality_floor", "[0, 1]"),
+        (READER + "[reader.policy]\nsplit = 1\n", "reader.policy.split", "expected bool"),
+        (READER + "[reader.policy]\nassumed_link_mbit = 0\n", "reader.policy.assumed_link_mbit", "positive"),
+        (READER + '[reader.policy]\ntable = "/nope.json"\n', "reader.policy.table", "no such file"),
+        (READER + "[reader.policy]\nspeed = 1\n", "reader.policy.speed", "unknown key"),
     ],
 )
 def test_mistakes_name_key_and_file(tmp_path: Path, body: str, key: str, problem: str) -> None:

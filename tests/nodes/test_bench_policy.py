@@ -1,0 +1,48 @@
+"""`edgebus bench policy`'s arithmetic: predicted transfers for the cap, and the per-cell summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from nodes import cli
+from nodes.bench.policy import _cell, predicted_wire_bytes, summarise
+
+POINTS = {"kv-4": {"bytes_per_token": 7_000.0}, "kv-8": {"bytes_per_token": 13_000.0}}
+
+
+def test_predicted_bytes_come_from_the_table() -> None:
+    assert predicted_wire_bytes("card-4", 1000, 4000, POINTS) == 7_000_000
+    assert predicted_wire_bytes("evicted-4-0.5", 1000, 4000, POINTS) == 3_500_000
+    assert predicted_wire_bytes("text", 1000, 4000, POINTS) == 4000
+    assert predicted_wire_bytes("card-2", 1000, 4000, POINTS) is None  # not in this table: never capped
+    assert predicted_wire_bytes("split-4", 1000, 4000, POINTS) is None
+
+
+def run(alternative: str, ttft: float | None, quality: float | None, **extra: Any) -> dict[str, Any]:
+    return {"link_mbit": 10.0, "tokens": 1024, "alternative": alternative, "ttft_s": ttft,
+            "quality": quality, "capped": ttft is None, **extra}  # fmt: skip
+
+
+def test_summary_compares_the_policy_with_the_best_runs() -> None:
+    decision = {"representation": "card", "bits": 3.0, "predicted_quality": 0.93, "bandwidth": "measured"}
+    rows = [
+        run("policy", 2.2, 0.93, decision=decision),
+        run("text", 9.0, 1.0),
+        run("card-4", 2.5, 0.98),
+        run("card-2", 2.0, 0.54),  # fastest, but under the floor
+        run("card-8", None, 0.9999, predicted_transfer_s=120.0),
+    ]
+    (cell,) = summarise(rows, floor=0.9)
+    assert cell["policy_choice"] == "card-3"
+    assert (cell["best"], cell["best_at_floor"]) == ("card-2", "card-4")
+    assert cell["policy_vs_best"] == pytest.approx(1.1)
+    assert cell["policy_vs_best_at_floor"] == pytest.approx(0.88)
+    assert cell["policy_quality"] == 0.93
+    assert _cell(rows[-1])["ttft_s"] == "> cap (120 s transfer)"
+
+
+def test_unknown_alternative_is_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "policy", "--alternatives", "card-4,carrier-pigeon"]) == cli.EXIT_USER_ERROR
+    assert "carrier-pigeon" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""The shipped rate-quality table is what `edgebus policy table` makes from the quality results."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from edgebus import RateQualityTable
+from nodes import cli
+from nodes.bench.rate_quality import build_table, pareto, point_from_row, shipped_table_path
+
+REPO = Path(__file__).resolve().parents[2]
+SQUAD = REPO / "docs" / "results" / "quality_squad_issue2.json"
+KV = 23_040
+
+
+def test_the_shipped_table_is_generated_from_the_squad_results_not_typed() -> None:
+    shipped = RateQualityTable.load(shipped_table_path("smollm2-135m-instruct"))
+    table, pruned = build_table([SQUAD], model="smollm2-135m-instruct", kv_bytes_per_token=KV)
+    assert shipped == table
+    assert [p.condition for p in pruned] == ["kv-raw"]  # fp16's quality at twice its bytes
+
+
+def test_points_follow_the_quality_rows() -> None:
+    rows = {r["condition"]: r for r in json.loads(SQUAD.read_text())}
+    p4 = point_from_row(rows["kv-4"], kv_bytes_per_token=KV)
+    assert p4 is not None
+    assert p4.quality == round(math.exp(-rows["kv-4"]["kl_vs_text"]), 4)
+    assert p4.bytes_per_token == pytest.approx(KV / rows["kv-4"]["ratio"], rel=1e-4)
+    assert (p4.bits, p4.keep, p4.condition) == (4.0, 1.0, "kv-4")
+    assert point_from_row(rows["text"], kv_bytes_per_token=KV) is None
+    assert point_from_row(rows["no-context"], kv_bytes_per_token=KV) is None
+    points = [point_from_row(rows[c], kv_bytes_per_token=KV) for c in ("kv-8", "kv-4", "kv-3", "kv-2")]
+    qualities = [p.quality for p in points if p is not None]
+    assert qualities == sorted(qualities, reverse=True)  # the metric orders the widths
+    assert len(qualities) == 4
+
+
+def test_more_results_add_rows_and_the_larger_run_of_a_condition_wins(tmp_path: Path) -> None:
+    extra = [
+        {"dataset": "hotpot", "condition": "uniform-4+evict-0.5", "n": 32, "kl_vs_text": 0.2,
+         "card_bytes": 1.0, "fp16_bytes": 6.0},
+        {"dataset": "hotpot", "condition": "kv-4", "n": 20, "kl_vs_text": 9.0, "card_bytes": 1.0,
+         "fp16_bytes": 3.0},
+    ]  # fmt: skip
+    path = tmp_path / "more.json"
+    path.write_text(json.dumps(extra))
+    table, _ = build_table([SQUAD, path], model="m", kv_bytes_per_token=KV)
+    by_condition = {p.condition: p for p in table.points}
+    assert by_condition["uniform-4+evict-0.5"].keep == 0.5
+    assert by_condition["kv-4"].quality > 0.9  # the 200-row SQuAD run, not the 20-row one
+    assert "more.json" in table.source
+
+
+def test_pareto_drops_only_dominated_points() -> None:
+    table, _ = build_table([SQUAD], model="m", kv_bytes_per_token=KV)
+    cards = [p for p in table.points if p.representation == "card"]
+    assert pareto(cards) == cards
+
+
+def test_one_command_regenerates_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rq.json"
+    argv = ["policy", "table", "--from", str(SQUAD), "--kv-bytes-per-token", str(KV), "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert RateQualityTable.load(out) == RateQualityTable.load(shipped_table_path("smollm2-135m-instruct"))
+    printed = capsys.readouterr().out
+    assert "kv-raw" in printed
+    assert "exp(-kl_vs_text)" in printed
+
+
+def test_results_without_kl_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "f1only.json"
+    path.write_text(json.dumps([{"condition": "kv-4", "n": 5, "f1": 0.1, "card_bytes": 1, "fp16_bytes": 3}]))
+    with pytest.raises(ValueError, match="--kl"):
+        build_table([path], model="m", kv_bytes_per_token=KV)
