@@ -64,8 +64,8 @@ async def test_handoff_answers_like_one_process_and_drains(
             sent = await client.request("reader", {"op": "read", "text": DOCUMENT}, timeout_s=60)
             reply = await client.request(
                 "answerer",
-                {"op": "ask", "card": sent["card"], "question": QUESTION, "wait_s": 30},
-                timeout_s=60,
+                {"op": "ask", "card": sent["card"], "question": QUESTION, "wait_s": 120},
+                timeout_s=180,
             )
             status = await client.request("answerer", {"op": "status"}, timeout_s=10)
             with pytest.raises(AskError, match="no card"):
@@ -130,14 +130,14 @@ async def test_relay_chain_and_restart(tiny_lm: Any, tiny_model_dir: Path, tmp_p
             sent = await client.request("reader", {"op": "read", "text": DOCUMENT}, timeout_s=60)
             direct = await client.request(
                 "answerer",
-                {"op": "ask", "card": sent["card"], "question": QUESTION, "wait_s": 30},
-                timeout_s=60,
+                {"op": "ask", "card": sent["card"], "question": QUESTION, "wait_s": 120},
+                timeout_s=180,
             )
             relayed_event = await relay.event("card_relayed", where=lambda e: e["source"] == sent["card"])
             via_relay = await client.request(
                 "answerer",
-                {"op": "ask", "card": relayed_event["card"], "question": QUESTION, "wait_s": 30},
-                timeout_s=60,
+                {"op": "ask", "card": relayed_event["card"], "question": QUESTION, "wait_s": 120},
+                timeout_s=180,
             )
             status = await client.request("answerer", {"op": "status"}, timeout_s=10)
             with pytest.raises(AskError, match="no card"):
