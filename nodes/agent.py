@@ -112,8 +112,13 @@ class EventLog:
     def emit(self, event: str, **fields: Any) -> None:
         if self._stream is None:
             return
-        self._stream.write(json.dumps({"event": event, "t": time.time(), **fields}, default=str) + "\n")
-        self._stream.flush()
+        try:
+            self._stream.write(json.dumps({"event": event, "t": time.time(), **fields}, default=str) + "\n")
+            self._stream.flush()
+        except (BrokenPipeError, ValueError):
+            # Whoever followed the events is gone (pipe closed): the node's work goes on without them.
+            log.warning("event stream closed; no more events are written")
+            self._stream = None
 
 
 class ModelWorker:
