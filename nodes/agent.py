@@ -73,7 +73,7 @@ from edgebus import (
 )
 
 from ._errors import AskError
-from .config import AnswererConfig, NodeConfig, ReaderConfig, bus_config
+from .config import AnswererConfig, NodeConfig, bus_config
 from .handoffs import HandoffBook, HeadResult, handoff_times, monotonic, sent_at
 
 if TYPE_CHECKING:
@@ -177,6 +177,7 @@ class Agent:
         self._question_s = 0.0
         self._join_bps = 0.0
         self._prefill_cache: Any = None  # roles_reader.PrefillCache, made on the first read
+        self._calibrations: tuple[Any, ...] = ()  # qkv.CrossModelCalibration to this model (answerer)
         self._seen: set[str] = set()
         self._arrived = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -200,6 +201,7 @@ class Agent:
             async with Bus(bus_config(cfg)) as bus, WatchdogPinger(self.notifier, healthy=self._healthy):
                 self._bus = bus
                 bus.on_request(self._on_request)
+                self._calibrations = await asyncio.to_thread(self._load_calibrations)
                 await self._load_persisted()
                 self.notifier.status("measuring prefill and decode speed")
                 speeds = await self._worker.run(_measure_speeds, self.lm)
@@ -208,7 +210,7 @@ class Agent:
                 self._prefill_tps = float(prefill_model.advertised()["prefill_tps"])
                 self._refresh_presence()
                 if cfg.reader is not None:
-                    self._chooser = await asyncio.to_thread(_plan_chooser, cfg.reader, cfg.name, self.lm.name)
+                    self._chooser = await asyncio.to_thread(_plan_chooser, cfg, self.lm)
                     await bus.publish_card(
                         PROBE_TOPIC + cfg.name,
                         os.urandom(PROBE_BYTES),
@@ -278,6 +280,20 @@ class Agent:
 
     def _healthy(self) -> bool:
         return self._bus is not None and self._failures == 0
+
+    def _load_calibrations(self) -> tuple[Any, ...]:
+        """The answerer's cross-model calibrations (ConfigFileError, stopping the node, if unusable)."""
+        from .crossmodel import load_calibrations
+
+        paths = self._holder_cfg.calibrations
+        if not paths:
+            return ()
+        loaded = load_calibrations(
+            self.config.file, "answerer.calibrations", paths, self.lm.fingerprint, side="receiver"
+        )
+        for calibration in loaded:
+            log.info("cards of %s are translated with %s", calibration.sender.describe(), calibration.id)
+        return loaded
 
     async def _load_persisted(self) -> None:
         if self._store is None or not self._holder_cfg.persist:
@@ -459,7 +475,7 @@ class Agent:
 
         assert self._store is not None
         try:
-            summary = await self._worker.run(summarise_card, ann.card_id, data, self.lm)
+            summary = await self._worker.run(summarise_card, ann.card_id, data, self.lm, self._calibrations)
         except CardError as exc:
             self._reject(ann, str(exc))
             return
@@ -473,6 +489,9 @@ class Agent:
         if relay is not None and ann.topic.startswith(relay.topics) and not self._draining:
             if summary.head_tokens:
                 log.warning("card %s is a split card: relays forward whole cards only", ann.card_id)
+                return
+            if summary.calibration is not None:
+                log.warning("card %s was made by another model: relays forward their own", ann.card_id)
                 return
             await self._relay(ann, data)
 
@@ -568,6 +587,8 @@ class Agent:
 
     async def _send(self, text: str, topic: str, group: list[Any]) -> dict[str, Any]:
         """Make one plan's artifact and publish it for ``group``'s receivers: a split's head first."""
+        from qkv import CalibrationError
+
         from .roles_reader import PrefillCache, head_message, read_document
 
         assert self._bus is not None
@@ -581,7 +602,7 @@ class Agent:
                 text,
                 plan,
             )
-        except ValueError as exc:
+        except (ValueError, CalibrationError) as exc:
             raise AskError(f"cannot make a {plan.kind} of this document: {exc}") from None
         receivers = [c.receiver for c in group if c.receiver != "*"]
         addressed: dict[str, Any] = {"for": receivers} if receivers else {}
@@ -634,6 +655,7 @@ class Agent:
             stats = self._store.statistics()
             info.update(cards=stats.entries, store_bytes=stats.bytes, store_budget=stats.budget)
             info["links"] = self._links()
+            info["calibrations"] = [c.id for c in self._calibrations]
         if self.config.reader is not None:
             info["budget"] = self._budget_info()
         self._bus.set_presence_info(info)
@@ -735,7 +757,9 @@ class Agent:
                 result = await self._answer_text(data.decode("utf-8"), question, max_new)
             else:
                 snapshot = None if head is None else head.snapshot
-                result = await self._worker.run(answer_card, self.lm, data, question, max_new, snapshot)
+                result = await self._worker.run(
+                    answer_card, self.lm, data, question, max_new, snapshot, self._calibrations
+                )
                 self._observe_answer(len(data), result, record.summary)
         finally:
             self._store.unpin(card_id)
@@ -809,7 +833,9 @@ class Agent:
                 data = self._store.get(card_id)
                 summary: CardSummary | TextSummary
                 try:
-                    summary = await self._worker.run(summarise_card, card_id, data, self.lm)
+                    summary = await self._worker.run(
+                        summarise_card, card_id, data, self.lm, self._calibrations
+                    )
                     text = False
                 except CardFormatError:
                     # Not a card: a document handed over as text (or nothing usable).
@@ -910,14 +936,22 @@ def _measure_speeds(lm: Any) -> tuple[PrefillModel, float, float, float]:
     return (measure_prefill(lm), *measure_card_answer(lm))
 
 
-def _plan_chooser(reader: ReaderConfig, name: str, model: str) -> PlanChooser:
+def _plan_chooser(config: NodeConfig, lm: Any) -> PlanChooser:
+    from .crossmodel import load_calibrations
     from .reader_policy import PlanChooser, fixed_budget, load_policy
 
+    reader = config.reader
+    assert reader is not None
+    translations = load_calibrations(
+        config.file, "reader.translate", reader.translate, lm.fingerprint, side="sender"
+    )
     return PlanChooser(
-        load_policy(reader.policy, model),
+        load_policy(reader.policy, lm.name),
         fixed=fixed_budget(reader),
         assumed_bandwidth_bps=reader.policy.assumed_link_mbit * 1e6 / 8,
-        name=name,
+        name=config.name,
+        translations=translations,
+        translate_at=reader.translate_at,
     )
 
 

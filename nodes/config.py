@@ -27,6 +27,11 @@ Schema (every section but ``[node]`` optional; a role's section may be left out 
     hmac = "keys/hmac.key"
 
     [reader]     topic, bits, keep, layers, facts, documents = [paths], doc_topics = "doc/"
+    translate = ["cal/a--b.safetensors"]  # cross-model calibrations from this node's model to others
+                                          #   (`edgebus calibrate --sender --receiver`): receivers of
+                                          #   those models get translated cards; others of another model
+                                          #   get text
+    translate_at = "receiver"             # or "sender": where the KV is translated
     [reader.policy]                       # what the reader sends each receiver (edgebus.BudgetPolicy)
     mode = "auto"                         # auto: decide per receiver and document; fixed: always a card
                                           #   at [reader] bits/keep/layers/facts
@@ -37,7 +42,9 @@ Schema (every section but ``[node]`` optional; a role's section may be left out 
     assumed_link_mbit = 10.0              # bandwidth assumed before the receiver has measured the link
     split = true                          # consider split hand-offs (head ids ahead, tail card behind)
     split_min_head = 256
-    [answerer]   topics = "kv/", store_mib, reserve_mib, max_new_tokens, persist, card_wait_s
+    [answerer]   topics = "kv/", store_mib, reserve_mib, max_new_tokens, persist, card_wait_s,
+                 calibrations = [paths]   # cross-model: calibrations from other senders' models to this
+                                          #   one; cards of those models are translated here
     [relay]      topics = "kv/", out_topic, question, max_new_tokens, bits
 
 Relative paths are relative to the config file's directory. Validation is complete at load: an unknown key,
@@ -113,6 +120,8 @@ class ReaderConfig:
     documents: tuple[Path, ...] = ()
     doc_topics: str | None = None
     policy: ReaderPolicyConfig = ReaderPolicyConfig()
+    translate: tuple[Path, ...] = ()
+    translate_at: Literal["receiver", "sender"] = "receiver"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +132,7 @@ class AnswererConfig:
     max_new_tokens: int = 24
     persist: bool = True
     card_wait_s: float = 60.0
+    calibrations: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -369,7 +379,16 @@ def _reader(t: _Table, name: str) -> ReaderConfig:
         documents=tuple(_paths(t, "documents")),
         doc_topics=t.topic("doc_topics", None),
         policy=_reader_policy(_Table(t.file, "reader.policy", t.get("policy", dict, {}))),
+        translate=tuple(_paths(t, "translate")),
+        translate_at=_translate_at(t),
     )
+
+
+def _translate_at(t: _Table) -> Literal["receiver", "sender"]:
+    at = t.get("translate_at", str, "receiver")
+    if at not in ("receiver", "sender"):
+        raise t.error("translate_at", f"must be receiver or sender, got {at!r}")
+    return "sender" if at == "sender" else "receiver"
 
 
 def _reader_policy(t: _Table) -> ReaderPolicyConfig:
@@ -415,6 +434,7 @@ def _answerer(t: _Table, _: str) -> AnswererConfig:
         max_new_tokens=t.positive("max_new_tokens", int, 24),
         persist=t.get("persist", bool, True),
         card_wait_s=t.positive("card_wait_s", float, 60.0),
+        calibrations=tuple(_paths(t, "calibrations")),
     )
 
 

@@ -16,11 +16,14 @@ from typing import Any
 from qkv import (
     Budget,
     CardInfo,
+    CrossModelCalibration,
     KVSnapshot,
     LoadedModel,
     SplitHead,
     answer_from_card,
     answer_from_text,
+    calibration_for_card,
+    crossmodel_record,
     encode_observation,
     encode_split,
     observe,
@@ -54,6 +57,7 @@ class CardSummary:
     bits: float
     sender: str
     head_tokens: int = 0  # a split card: the head it lacks
+    calibration: str | None = None  # a card of another model: the calibration it was translated with
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +69,7 @@ class CardSummary:
             "fp16_bytes": self.fp16_bytes,
             "bits": self.bits,
             "sender": self.sender,
+            "translated_with": self.calibration,
         }
 
 
@@ -92,10 +97,18 @@ def modal_width(info: CardInfo) -> int:
     return widths.most_common(1)[0][0] if widths else 4
 
 
-def summarise_card(card_id: str, data: bytes, lm: LoadedModel) -> CardSummary:
-    """Parse the header and metadata (CardFormatError if malformed, CardCompatError if for another model)."""
+def summarise_card(
+    card_id: str, data: bytes, lm: LoadedModel, calibrations: tuple[CrossModelCalibration, ...] = ()
+) -> CardSummary:
+    """Parse the header and metadata: CardFormatError if malformed, CardCompatError if for another model
+    whose calibration to this one is not among ``calibrations``."""
     info = read_card_info(data)
-    lm.fingerprint.require_same(info.fingerprint)
+    calibration = calibration_for_card(info, lm.fingerprint, calibrations)
+    record = crossmodel_record(info.meta.extra)
+    # A card translated at its sender needs no calibration here, but the summary still says which made it.
+    translated_with = calibration.id if calibration is not None else None
+    if record is not None and record.at == "sender":
+        translated_with = record.targets[0][1]
     extra = info.meta.extra
     context_tokens = extra.get("context_tokens")
     fp16 = extra.get("fp16_bytes")
@@ -109,6 +122,7 @@ def summarise_card(card_id: str, data: bytes, lm: LoadedModel) -> CardSummary:
         bits=mean_width(info),
         sender=info.sender,
         head_tokens=0 if head is None else head.num_tokens,
+        calibration=translated_with,
     )
 
 
@@ -124,19 +138,27 @@ def check_question(question: object, max_new_tokens: object) -> tuple[str, int]:
 
 
 def answer_card(
-    lm: LoadedModel, data: bytes, question: str, max_new_tokens: int, head: KVSnapshot | None = None
+    lm: LoadedModel,
+    data: bytes,
+    question: str,
+    max_new_tokens: int,
+    head: KVSnapshot | None = None,
+    calibrations: tuple[CrossModelCalibration, ...] = (),
 ) -> dict[str, Any]:
     """Answer from the card; ``ttft_s`` covers verifying and decoding the card, injection and the question.
 
     A split card is joined with ``head`` (prefilled ahead from the head message); without one, or when the
     given head does not belong to the card, its head is prefilled from the card's own ids first, and
-    ``head_s`` (inside ``ttft_s``) says how long that took.
+    ``head_s`` (inside ``ttft_s``) says how long that took. A card of another model is translated with
+    the calibration it names, from ``calibrations``.
     """
     from qkv import CardCompatError
 
     head_source = "none"
     try:
-        answer = answer_from_card(lm, data, question, max_new_tokens=max_new_tokens, head=head)
+        answer = answer_from_card(
+            lm, data, question, max_new_tokens=max_new_tokens, head=head, calibrations=calibrations
+        )
         if head is not None:
             head_source = "message"
     except CardCompatError:

@@ -21,10 +21,12 @@ from typing import Any, Final, Literal
 from edgebus import HEAD_ID_BYTES
 from qkv import (
     Budget,
+    CrossModelCalibration,
     EncodedContext,
     LoadedModel,
     Observation,
     SplitHead,
+    TranslateAt,
     encode_observation,
     encode_split,
     observe,
@@ -47,16 +49,21 @@ class SendPlan:
     kind: Kind
     budget: Budget | None = None  # card and split
     head_tokens: int = 0  # split
+    translate: CrossModelCalibration | None = None  # a card for a receiver of another model
+    translate_at: TranslateAt = "receiver"
 
     def __post_init__(self) -> None:
         if self.kind != "text" and self.budget is None:
             raise ValueError(f"a {self.kind} plan needs a budget")
         if self.kind == "split" and self.head_tokens < 1:
             raise ValueError("a split plan needs head_tokens >= 1")
+        if self.translate is not None and self.kind != "card":
+            raise ValueError("only a whole card is translated for another model")
 
     @property
     def key(self) -> tuple[Any, ...]:
-        return (self.kind, self.budget, self.head_tokens)
+        translation = None if self.translate is None else (self.translate.id, self.translate_at)
+        return (self.kind, self.budget, self.head_tokens, translation)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +88,7 @@ class ReadResult:
         if self.encoded is None:
             return {"rep": "text", "tokens": self.context_tokens, "text_bytes": len(self.text)}
         enc = self.encoded
-        return {
+        meta: dict[str, Any] = {
             "rep": "card",
             "tokens": enc.context_tokens,
             "card_tokens": enc.card_tokens,
@@ -90,6 +97,9 @@ class ReadResult:
             "fp16_bytes": enc.fp16_bytes,
             "card_bytes": enc.card_bytes,
         }
+        if self.plan.translate is not None:
+            meta["calibration"] = self.plan.translate.id
+        return meta
 
     def reply(self) -> dict[str, Any]:
         """The read request's reply fields for this artifact (the agent adds ids, topic and decisions)."""
@@ -108,6 +118,9 @@ class ReadResult:
             "budget": None if enc is None else enc.budget.to_dict(),
             "prefill_s": 0.0 if enc is None else enc.prefill_s,
             "encode_s": 0.0 if enc is None else enc.encode_s,
+            "translate": None
+            if self.plan.translate is None
+            else {"calibration": self.plan.translate.id, "at": self.plan.translate_at},
         }
 
 
@@ -152,7 +165,15 @@ def read_document(
     else:
         cache = cache or PrefillCache()
         obs = cache.observe(lm, text, budget.window)
-        encoded = encode_observation(lm, obs, budget, context=text, sender=sender)
+        encoded = encode_observation(
+            lm,
+            obs,
+            budget,
+            context=text,
+            sender=sender,
+            translate=() if plan.translate is None else plan.translate,
+            translate_at=plan.translate_at,
+        )
     return ReadResult(plan=plan, encoded=encoded, context_tokens=encoded.context_tokens)
 
 

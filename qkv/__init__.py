@@ -27,6 +27,7 @@ from ._card import CardInfo, CardMeta, DecodedCard, EncodingPlan, decode_card, e
 from ._crossmodel import (
     CrossModelCalibration,
     CrossModelRecord,
+    ModelSide,
     TranslateAt,
     calibrate_pair,
     crossmodel_record,
@@ -131,6 +132,7 @@ __all__ = [
     "ModelCorruptError",
     "ModelFingerprint",
     "ModelNotPulledError",
+    "ModelSide",
     "ModelStoreError",
     "Observation",
     "PromptParts",

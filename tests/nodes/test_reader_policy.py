@@ -94,10 +94,14 @@ def test_a_relay_is_never_sent_a_split() -> None:
     assert relay.plan.kind != "split"
 
 
-def test_each_receiver_gets_its_own_decision_and_other_models_none() -> None:
+def test_each_receiver_gets_its_own_decision_and_other_models_text() -> None:
     peers = [peer("far", bw_mbit=1), peer("near", bw_mbit=1000), peer("other", fingerprint="gemma")]
     choices = chooser().choose(peers, DOC_4K, fingerprint="fp")
-    assert {c.receiver: c.plan.kind for c in choices} == {"far": "text", "near": "card"}
+    assert {c.receiver: c.plan.kind for c in choices} == {"far": "text", "near": "card", "other": "text"}
+    # Outside the table (measured for this model) and without a calibration: text, and it says why.
+    other = next(c for c in choices if c.receiver == "other")
+    assert "no calibration" in other.decision["reason"]
+    assert other.decision["policy"] is False
 
 
 def test_no_receiver_means_the_fixed_budget_for_whoever_joins() -> None:
