@@ -100,18 +100,25 @@ def fixed_budget(reader: ReaderConfig) -> Budget:
 
 def budget_of(decision: Decision) -> Budget:
     """The codec budget a decision names: its condition when the table gave one, else its plain fields."""
-    if decision.condition:
-        from nodes.bench.conditions import parse_condition
-
-        budget = parse_condition(decision.condition).budget
-        if budget is not None:
-            return budget
+    budget = _condition_budget(decision.condition) if decision.condition else None
+    if budget is not None:
+        return budget
     return Budget(
         bits=int(decision.bits) if float(decision.bits).is_integer() else decision.bits,
         keep=decision.keep,
         layers=decision.layers,
         facts=decision.facts,
     )
+
+
+def _condition_budget(condition: str) -> Budget | None:
+    """The budget a table condition names (None for a name this version cannot parse)."""
+    from nodes.bench.conditions import parse_condition
+
+    try:
+        return parse_condition(condition).budget
+    except ValueError:
+        return None
 
 
 def plan_of(decision: Decision) -> SendPlan:
@@ -381,14 +388,14 @@ class PlanChooser:
         self, budget: Budget, peers: Sequence[PeerInfo], doc: Document, *, fingerprint: str
     ) -> int:
         receivers = self.receivers(peers, fingerprint)
-        point = next(
-            (
-                p
-                for p in (self._table.points if self._table is not None else ())
-                if p.representation == "card" and p.keep == 1 and p.layers == 1 and p.bits == budget.bits
-            ),
-            None,
-        )
+        cards = [
+            p for p in (self._table.points if self._table is not None else ()) if p.representation == "card"
+        ]
+        # The point measured for exactly this budget (its bytes per token: a group size or an adaptive
+        # allocation changes them at the same bits), else a whole card at the same bits.
+        point = next((p for p in cards if p.condition and _condition_budget(p.condition) == budget), None)
+        if point is None:
+            point = next((p for p in cards if p.keep == 1 and p.layers == 1 and p.bits == budget.bits), None)
         if point is None or not receivers:
             raise AskError(
                 "a split without 'head_tokens' needs a live receiver and a table point at its bits"

@@ -53,6 +53,7 @@ LINK_WAIT_S: Final = 120.0
 class HandoffBenchConfig:
     model: str = "smollm2-135m-instruct"
     bits: int = 4
+    group_size: int = 32  # values per quantization group (its fp16 scale and zero)
     tokens: tuple[int, ...] = (1024, 2048, 4096)
     conditions: tuple[str, ...] = ("loopback", "100mbit", "20mbit")
     max_new_tokens: int = 16
@@ -244,14 +245,15 @@ def _requests(contexts: Sequence[BenchContext], config: HandoffBenchConfig) -> l
             {"op": "ask_text", "context": warm.text[:2000], "question": warm.question, "max_new_tokens": 2},
         ]
     ]
-    card = {"representation": "card", "budget": {"bits": config.bits}}
+    budget = {"bits": config.bits, "group_size": config.group_size}
+    card = {"representation": "card", "budget": budget}
     for ctx in contexts:
         ask = {"op": "ask", "card": "$last", "question": ctx.question, "wait_s": 300,
                "max_new_tokens": config.max_new_tokens}  # fmt: skip
         requests.append(["reader", {"op": "read", "text": ctx.text, **card}])
         requests.append(["answerer", ask])
         if config.split:
-            split = {"representation": "split", "budget": {"bits": config.bits}}
+            split = {"representation": "split", "budget": budget}
             requests.append(["reader", {"op": "read", "text": ctx.text, **split}])
             requests.append(["answerer", ask])
         requests.append(["answerer", {"op": "ask_text", "context": ctx.text, "question": ctx.question,
@@ -312,6 +314,7 @@ async def _run_condition(
             "condition": name,
             "tokens": ctx.tokens,
             "bits": config.bits,
+            "group_size": config.group_size,
             "card_bytes": sent["card_bytes"],
             "fp16_bytes": sent["fp16_bytes"],
             "text_bytes": len(ctx.text.encode()),

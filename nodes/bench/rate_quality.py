@@ -12,8 +12,9 @@ Size: ``bytes_per_token = kv_bytes_per_token * card_bytes / fp16_bytes`` (the ro
 whole-context fp16 KV bytes, headers and scales counted), so the ratio is the benchmark's own.
 
 Points are rounded (quality to 4 decimals) and Pareto-pruned: a point no better in quality than another
-that is no bigger is dropped (kv-raw, at fp16's quality and twice its bytes). When several result files
-hold one condition, the row with the most examples wins. Regenerate with one command::
+that is no bigger is dropped (kv-raw, at fp16's quality and twice its bytes), and of equal points the first
+is kept. Conditions a node cannot make (``+reread``: a benchmark-only token ranking) are left out. When
+several result files hold one condition, the row with the most examples wins. Regenerate with one command::
 
     edgebus policy table --from docs/results/quality_squad_issue2.json [--from MORE.json]
 """
@@ -54,7 +55,8 @@ def point_from_row(row: Mapping[str, Any], *, kv_bytes_per_token: int) -> RateQu
     if not isinstance(name, str) or kl is None or not card or not fp16:
         return None
     condition = parse_condition(name)
-    if condition.budget is None:
+    if condition.budget is None or condition.importance != "window":
+        # +reread ranks tokens by a second prefill only the benchmark does: a node cannot make that card.
         return None
     budget = condition.budget
     return RateQualityPoint(
@@ -72,8 +74,10 @@ def point_from_row(row: Mapping[str, Any], *, kv_bytes_per_token: int) -> RateQu
 def pareto(points: Iterable[RateQualityPoint]) -> list[RateQualityPoint]:
     """Points no other point beats: none at least as good in quality and no bigger (and better in one)."""
     pool = list(points)
-    kept = []
+    kept: list[RateQualityPoint] = []
     for p in pool:
+        if any(k.bytes_per_token == p.bytes_per_token and k.quality == p.quality for k in kept):
+            continue  # one condition under two names (kv-4 and uniform-4): keep the first
         dominated = any(
             q is not p
             and q.quality >= p.quality

@@ -55,6 +55,24 @@ def test_more_results_add_rows_and_the_larger_run_of_a_condition_wins(tmp_path: 
     assert "more.json" in table.source
 
 
+def test_conditions_a_node_cannot_make_and_second_names_stay_out(tmp_path: Path) -> None:
+    rows = [
+        {"condition": "kv-4", "n": 200, "kl_vs_text": 0.016, "card_bytes": 1.0, "fp16_bytes": 3.0},
+        {"condition": "uniform-4", "n": 200, "kl_vs_text": 0.016, "card_bytes": 1.0, "fp16_bytes": 3.0},
+        {"condition": "uniform-4+evict-0.25+reread", "n": 200, "kl_vs_text": 1.2, "card_bytes": 0.3,
+         "fp16_bytes": 3.0},
+        {"condition": "uniform-4+evict-0.25", "n": 200, "kl_vs_text": 1.3, "card_bytes": 0.3,
+         "fp16_bytes": 3.0},
+    ]  # fmt: skip
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    table, pruned = build_table([path], model="m", kv_bytes_per_token=KV)
+    cards = [p.condition for p in table.points if p.representation == "card"]
+    # +reread needs a second prefill only the benchmark does; uniform-4 is kv-4 under another name.
+    assert cards == ["kv-4", "uniform-4+evict-0.25"]
+    assert [p.condition for p in pruned] == ["uniform-4"]
+
+
 def test_pareto_drops_only_dominated_points() -> None:
     table, _ = build_table([SQUAD], model="m", kv_bytes_per_token=KV)
     cards = [p for p in table.points if p.representation == "card"]

@@ -201,6 +201,27 @@ def test_a_split_override_without_a_head_takes_the_policys_balanced_head() -> No
         c.resolve(override, [], DOC_4K, fingerprint="fp")
 
 
+def test_a_split_override_is_balanced_with_the_point_of_its_own_budget() -> None:
+    from edgebus import RateQualityPoint
+
+    def point(condition: str, bytes_per_token: float) -> RateQualityPoint:
+        return RateQualityPoint(representation="card", bits=3, keep=1, layers=1, quality=0.93,
+                                bytes_per_token=bytes_per_token, condition=condition)  # fmt: skip
+
+    table = RateQualityTable(points=(point("kv-3", 5822.6), point("uniform-3+g64", 5102.6)))
+    settings = PolicyConfig(quality_floor=0.9)
+    c = PlanChooser((table, settings), fixed=FIXED, assumed_bandwidth_bps=MBIT, name="reader")
+    heads = {}
+    for group in (32, 64):
+        override = parse_override(
+            {"representation": "split", "budget": {"bits": 3, "group_size": group}}, FIXED
+        )
+        assert override is not None
+        heads[group] = c.resolve(override, [peer(bw_mbit=20)], DOC_4K, fingerprint="fp").plan.head_tokens
+    # A smaller tail per token crosses the link sooner: the head that balances it is shorter.
+    assert heads[64] < heads[32]
+
+
 def test_budget_of_a_decision_without_condition_uses_its_fields(tmp_path: Path) -> None:
     c = chooser()
     (choice,) = c.choose([peer(bw_mbit=1000)], DOC_4K, fingerprint="fp")
