@@ -116,6 +116,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
     config = QualityBenchConfig(
         data=Path(args.data),
         limit=args.limit,
+        offset=args.offset,
         model=args.model,
         conditions=tuple(args.conditions.split(",")) if args.conditions else None,
         max_new_tokens=args.max_new_tokens,
@@ -443,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality = bench.add_parser("quality", help="answer quality per compression condition on a QA set")
     quality.add_argument("--data", required=True)
     quality.add_argument("--limit", type=int, default=200)
+    quality.add_argument("--offset", type=int, default=0, help="first row (to continue a stopped run)")
     quality.add_argument("--model", default="smollm2-135m-instruct")
     quality.add_argument("--conditions", default=None, help="comma-separated subset of conditions")
     quality.add_argument("--max-new-tokens", type=int, default=24)
