@@ -368,8 +368,11 @@ class Agent:
                 continue
             transfer_s = time.monotonic() - start
             # The store and the codec take bytes; the bus may hand over a view of its spool (a copy here
-            # costs milliseconds against the transfer's seconds).
-            await handle(ann, data if isinstance(data, bytes) else bytes(data), transfer_s)
+            # costs milliseconds against the transfer's seconds). Dropping the view before the handling
+            # (a model's seconds) unmaps the spool's pages now rather than after it.
+            card = data if isinstance(data, bytes) else bytes(data)
+            del data
+            await handle(ann, card, transfer_s)
             return
 
     def _holds(self, card_id: str) -> bool:
