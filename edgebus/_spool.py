@@ -11,6 +11,10 @@ is hashed again from ``.part`` and kept only if it still matches, so a torn writ
 corrupt card. Files are not fsynced: the contract covers a killed process (the page cache survives), not
 a power cut. ``delivered.log`` is appended before the card is handed to the application, so a crash in
 between loses that delivery rather than repeating it (at most once across a crash, exactly once otherwise).
+It remembers the newest :data:`DELIVERED_KEPT` ids: once it holds twice that many it is rewritten (a
+temporary file, then an atomic rename) with the newest half, so a node that runs for months keeps a bounded
+log and set. A card delivered more than that many deliveries ago and announced again is fetched again:
+senders withdraw or evict their cards long before that.
 
 A :class:`PartialCard` is used as: :meth:`PartialCard.open` (once: opens both files, returns the chunks
 already verified), :meth:`PartialCard.write_verified` per chunk, :meth:`PartialCard.close` (idempotent),
@@ -35,6 +39,9 @@ from typing import Final
 
 from ._errors import StoreError
 from ._transfer import CardManifest
+
+#: Delivered card ids remembered (and kept in delivered.log after a compaction): ~80 bytes each.
+DELIVERED_KEPT: Final = 65536
 
 _RECORD = struct.Struct(">I32s")
 assert _RECORD.size == 36
@@ -157,14 +164,18 @@ class PartialCard:
 class Spool:
     """Spool directory of one receiving node."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, kept: int = DELIVERED_KEPT) -> None:
+        if kept < 1:
+            raise ValueError("kept must be >= 1")
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"spool {directory}: {exc}") from exc
         self.directory = directory
         self._delivered_path = directory / "delivered.log"
-        self._delivered: set[str] = set()
+        self._kept = kept
+        # id -> its log line, oldest first (dicts keep insertion order): what a compaction rewrites.
+        self._delivered: dict[str, str] = {}
         try:
             text = self._delivered_path.read_text(encoding="ascii", errors="replace")
         except FileNotFoundError:
@@ -172,20 +183,47 @@ class Spool:
         for line in text.splitlines():
             parts = line.split()
             if len(parts) == 2:
-                self._delivered.add(parts[0])
+                self._delivered.pop(parts[0], None)
+                self._delivered[parts[0]] = line
+        if len(self._delivered) > kept:
+            self._compact()
 
     def is_delivered(self, card_id: str) -> bool:
         return card_id in self._delivered
 
+    @property
+    def delivered_count(self) -> int:
+        """Delivered ids remembered now (at most twice ``kept``)."""
+        return len(self._delivered)
+
     def mark_delivered(self, manifest: CardManifest) -> None:
         """Append to ``delivered.log`` (small, unbuffered write: safe against a killed process)."""
-        line = f"{manifest.card_id} {manifest.digest.hex()}\n".encode("ascii")
+        line = f"{manifest.card_id} {manifest.digest.hex()}"
         fd = os.open(self._delivered_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, line)
+            os.write(fd, (line + "\n").encode("ascii"))
         finally:
             os.close(fd)
-        self._delivered.add(manifest.card_id)
+        self._delivered[manifest.card_id] = line
+        if len(self._delivered) >= 2 * self._kept:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Keep the newest ``kept`` ids, in memory and in the log (rewritten whole, then renamed over)."""
+        newest = list(self._delivered.items())[-self._kept :]
+        self._delivered = dict(newest)
+        tmp = self._delivered_path.with_suffix(".log.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, "".join(line + "\n" for _, line in newest).encode("ascii"))
+            finally:
+                os.close(fd)
+            os.replace(tmp, self._delivered_path)
+        except OSError as exc:
+            # The old log is intact (the rename did not happen): it is only longer than it needs to be.
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"spool {self.directory}: compacting delivered.log: {exc}") from exc
 
     def partial(self, manifest: CardManifest) -> PartialCard:
         return PartialCard(self.directory, manifest)

@@ -97,6 +97,8 @@ PROBE_BYTES: Final = 512 * 1024
 PROBE_TOPIC: Final = "probe/"
 #: Most peers whose link estimates a receiver advertises (presence info is bounded).
 MAX_ADVERTISED_LINKS: Final = 16
+#: Announced card ids an agent remembers having taken up (the bus's delivered log keeps the same count).
+SEEN_KEPT: Final = 65536
 
 T = TypeVar("T")
 #: What an intake does with a pulled card: (announcement, bytes, seconds the pull took).
@@ -178,7 +180,9 @@ class Agent:
         self._join_bps = 0.0
         self._prefill_cache: Any = None  # roles_reader.PrefillCache, made on the first read
         self._calibrations: tuple[Any, ...] = ()  # qkv.CrossModelCalibration to this model (answerer)
-        self._seen: set[str] = set()
+        # Announced ids already taken up, oldest first; bounded (SEEN_KEPT) so months of announcements do
+        # not grow it: a forgotten id announced again is refused by the bus's delivered log, not re-fetched.
+        self._seen: dict[str, None] = {}
         self._arrived = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._work: set[asyncio.Task[Any]] = set()
@@ -330,7 +334,9 @@ class Agent:
                     return
                 if ann.card_id in self._seen:
                     continue
-                self._seen.add(ann.card_id)
+                self._seen[ann.card_id] = None
+                if len(self._seen) > SEEN_KEPT:
+                    del self._seen[next(iter(self._seen))]
                 addressed = ann.meta.get("for")
                 if addressed is not None and (
                     not isinstance(addressed, list) or self.config.name not in addressed
@@ -360,7 +366,7 @@ class Agent:
                 still = any(k.card_id == ann.card_id for k in bus.known_cards())
                 log.warning("pull of %s failed (attempt %d): %s", ann.card_id, attempt, exc)
                 if not still or attempt == FETCH_ATTEMPTS:
-                    self._seen.discard(ann.card_id)
+                    self._seen.pop(ann.card_id, None)
                     self.events.emit("card_failed", card=ann.card_id, error=str(exc))
                     return
                 await asyncio.sleep(delay)

@@ -104,6 +104,23 @@ def test_delivered_ids_survive_reopen(tmp_path: Path) -> None:
     assert Spool(tmp_path).is_delivered("card")
 
 
+def test_the_delivered_log_keeps_the_newest_ids_only(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, kept=4)
+    for index in range(11):
+        spool.mark_delivered(manifest_for(b"abc", card_id=f"c{index}"))
+        assert spool.delivered_count <= 8
+    # Compacted at 8 (to c4..c7), then c8..c10 appended: seven ids, the oldest forgotten.
+    remembered = {f"c{i}" for i in range(11) if spool.is_delivered(f"c{i}")}
+    assert remembered == {f"c{i}" for i in range(4, 11)}
+    log = (tmp_path / "delivered.log").read_text().splitlines()
+    assert [line.split()[0] for line in log] == [f"c{i}" for i in range(4, 11)]
+    assert not list(tmp_path.glob("*.tmp"))
+    # A log longer than the bound (written by a node with a larger one) is cut on open, newest kept.
+    reopened = Spool(tmp_path, kept=2)
+    assert {f"c{i}" for i in range(11) if reopened.is_delivered(f"c{i}")} == {"c9", "c10"}
+    assert len((tmp_path / "delivered.log").read_text().splitlines()) == 2
+
+
 @contextlib.asynccontextmanager
 async def pair(tmp_path: Path, spool: str = "r", **receiver: object) -> AsyncIterator[tuple[Bus, Bus]]:
     sender_cfg = BusConfig(node_id="s", spool_dir=tmp_path / "s", insecure=True, chunk_bytes=CHUNK)
