@@ -113,6 +113,9 @@ def _bench_codec(args: argparse.Namespace) -> int:
 def _bench_quality(args: argparse.Namespace) -> int:
     from nodes.bench.quality import QualityBenchConfig, run_quality_bench
 
+    if args.sender or args.receiver:
+        return _bench_crossmodel(args)
+
     config = QualityBenchConfig(
         data=Path(args.data),
         limit=args.limit,
@@ -148,6 +151,35 @@ def _bench_handoff(args: argparse.Namespace) -> int:
         split=args.split,
     )
     run_handoff_bench(args.json, args.plot, config=config)
+    return 0
+
+
+def _bench_crossmodel(args: argparse.Namespace) -> int:
+    """``bench quality --sender A --receiver B``: cards of A read by B through a fitted KV map."""
+    from nodes.bench.crossmodel import run_crossmodel_bench
+    from qkv import Budget
+
+    if not (args.sender and args.receiver) or args.sender == args.receiver:
+        print("edgebus bench quality: --sender and --receiver name two different models", file=sys.stderr)
+        return 2
+    if args.offset or args.conditions:
+        print("edgebus bench quality: --offset and --conditions are for one model", file=sys.stderr)
+        return 2
+    run_crossmodel_bench(
+        args.sender,
+        args.receiver,
+        Path(args.data),
+        limit=args.limit,
+        calib_data=Path(args.calib_data or args.data),
+        calib_rows=args.calib_rows,
+        calib_offset=args.calib_offset,
+        calibration_path=args.calibration,
+        budget=Budget(bits=args.bits),
+        translate_at=args.translate_at,
+        max_new_tokens=args.max_new_tokens,
+        json_out=args.json,
+        plot=args.plot,
+    )
     return 0
 
 
@@ -450,6 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--max-new-tokens", type=int, default=24)
     quality.add_argument("--kl", action="store_true", help="also teacher-forced KL vs the text condition")
     quality.add_argument("--profile", type=Path, default=None, help="sensitivity profile for adaptive-b")
+    cross = quality.add_argument_group("cross-model (cards of --sender read by --receiver)")
+    cross.add_argument("--sender", default=None, help="the model that makes the cards")
+    cross.add_argument("--receiver", default=None, help="the model that reads them")
+    cross.add_argument("--calib-data", default=None, help="calibration texts (default: --data, rows 500+)")
+    cross.add_argument("--calib-rows", type=int, default=100)
+    cross.add_argument("--calib-offset", type=int, default=500, help="first calibration row")
+    cross.add_argument("--calibration", type=Path, default=None, help="artifact to reuse or save")
+    cross.add_argument("--bits", type=int, default=4, help="card width")
+    cross.add_argument("--translate-at", choices=("receiver", "sender"), default="receiver")
     quality.add_argument("--json", type=Path, default=None)
     quality.add_argument("--plot", type=Path, default=None)
     quality.set_defaults(handler=_bench_quality)

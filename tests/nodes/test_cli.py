@@ -70,3 +70,29 @@ def test_status_formats_peers_and_links() -> None:
     assert "peer reader [reader]" in text
     assert "link 2.5 MB/s" in text
     assert "budget 4-bit keep 1.0 layers 1.0" in text
+
+
+def test_bench_quality_with_two_models_runs_the_cross_model_bench(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from tests.qkv.test_crossmodel import SENTENCES, _write_rows, build_tiny_gemma_dir
+
+    gemma_dir = build_tiny_gemma_dir(tmp_path / "gemma")
+    scored = _write_rows(tmp_path / "scored.jsonl", list(SENTENCES[:1]))
+    calib = _write_rows(tmp_path / "calib.jsonl", list(SENTENCES))
+    out = tmp_path / "out.json"
+    argv = ["bench", "quality", "--sender", str(tiny_model_dir), "--receiver", str(gemma_dir),
+            "--data", str(scored), "--limit", "1", "--calib-data", str(calib), "--calib-rows", "8",
+            "--calib-offset", "0", "--max-new-tokens", "2", "--bits", "3", "--json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    summary = json.loads(out.read_text())
+    assert summary["card_budget"]["bits"] == 3
+    assert summary["calibration_texts"] == 8
+    assert {r["condition"] for r in summary["results"]} >= {"no-context", "text", "translated-kv"}
+    capsys.readouterr()
+    same = ["bench", "quality", "--sender", str(tiny_model_dir), "--receiver", str(tiny_model_dir),
+            "--data", str(scored)]  # fmt: skip
+    assert cli.main(same) == 2
+    assert "two different models" in capsys.readouterr().err
