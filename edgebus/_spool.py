@@ -29,8 +29,10 @@ so no name leads to the mapped file any more and nothing can truncate it under t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import logging
 import mmap
 import os
 import struct
@@ -39,6 +41,8 @@ from typing import Final
 
 from ._errors import StoreError
 from ._transfer import CardManifest
+
+log = logging.getLogger("edgebus.spool")
 
 #: Delivered card ids remembered (and kept in delivered.log after a compaction): ~80 bytes each.
 DELIVERED_KEPT: Final = 65536
@@ -182,9 +186,11 @@ class Spool:
             text = ""
         for line in text.splitlines():
             parts = line.split()
-            if len(parts) == 2:
+            # A torn or corrupted line (a killed write, a bad sector) is skipped, not fatal: it costs at most
+            # one repeated delivery.
+            if len(parts) == 2 and line.isascii() and _is_digest_hex(parts[1]):
                 self._delivered.pop(parts[0], None)
-                self._delivered[parts[0]] = line
+                self._delivered[parts[0]] = " ".join(parts)
         if len(self._delivered) > kept:
             self._compact()
 
@@ -209,21 +215,29 @@ class Spool:
             self._compact()
 
     def _compact(self) -> None:
-        """Keep the newest ``kept`` ids, in memory and in the log (rewritten whole, then renamed over)."""
+        """Keep the newest ``kept`` ids, in memory and in the log (rewritten whole, then renamed over).
+
+        Best effort: if the rewrite fails (disk full), the old log is intact, only longer than it needs to
+        be, and the delivery that triggered the compaction goes on; the next one tries again.
+        """
         newest = list(self._delivered.items())[-self._kept :]
-        self._delivered = dict(newest)
         tmp = self._delivered_path.with_suffix(".log.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, "".join(line + "\n" for _, line in newest).encode("ascii"))
-            finally:
-                os.close(fd)
+            # Buffered: a short write raises instead of renaming a truncated log over the whole one.
+            with open(tmp, "wb") as handle:
+                handle.write("".join(line + "\n" for _, line in newest).encode("ascii"))
             os.replace(tmp, self._delivered_path)
-        except OSError as exc:
-            # The old log is intact (the rename did not happen): it is only longer than it needs to be.
-            tmp.unlink(missing_ok=True)
-            raise StoreError(f"spool {self.directory}: compacting delivered.log: {exc}") from exc
+        except (OSError, UnicodeError) as exc:
+            log.warning("spool %s: compacting delivered.log failed (%s); kept as it is", self.directory, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            return
+        self._delivered = dict(newest)
 
     def partial(self, manifest: CardManifest) -> PartialCard:
         return PartialCard(self.directory, manifest)
+
+
+def _is_digest_hex(text: str) -> bool:
+    """A transfer digest as delivered.log writes it: 64 lowercase hex digits."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)

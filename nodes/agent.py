@@ -54,7 +54,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import IO, TYPE_CHECKING, Any, Final, TypeVar
 
 from edgebus import (
@@ -190,6 +190,7 @@ class Agent:
         self._prefill_tps = 0.0  # the start-up fit's linear speed (status and the ready event)
         self._published = 0
         self._failures = 0
+        self._rejected = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -372,6 +373,12 @@ class Agent:
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
+            except BusError as exc:
+                # This node's own spool failed (disk full, permissions): not retried, not fatal either.
+                log.error("card %s could not be received: %s", ann.card_id, exc)
+                self._seen.pop(ann.card_id, None)
+                self.events.emit("card_failed", card=ann.card_id, error=str(exc))
+                return
             transfer_s = time.monotonic() - start
             # The store and the codec take bytes; the bus may hand over a view of its spool (a copy here
             # costs milliseconds against the transfer's seconds). Dropping the view before the handling
@@ -409,6 +416,7 @@ class Agent:
 
     def _reject(self, ann: Announcement, error: str) -> None:
         """An artifact refused as untrusted input: logged, counted as an event, the node keeps running."""
+        self._rejected += 1
         log.warning("card %s from %s rejected: %s", ann.card_id, ann.sender, error)
         self._book.forget(ann.card_id)
         self.events.emit("card_rejected", card=ann.card_id, sender=ann.sender, error=error)
@@ -528,6 +536,7 @@ class Agent:
                 )
             except CardError as exc:
                 log.warning("card %s not relayed: %s", ann.card_id, exc)
+                self._rejected += 1
                 self.events.emit("card_rejected", card=ann.card_id, sender=ann.sender, error=str(exc))
                 return
         meta = dict(ann.meta)
@@ -550,7 +559,7 @@ class Agent:
         try:
             text = decode_document(data)
         except ValueError as exc:
-            self.events.emit("card_rejected", card=ann.card_id, sender=ann.sender, error=str(exc))
+            self._reject(ann, str(exc))
             return
         await self._read(text, None)
 
@@ -585,7 +594,20 @@ class Agent:
         groups: dict[tuple[Any, ...], list[Choice]] = {}
         for choice in choices:
             groups.setdefault(choice.plan.key, []).append(choice)
-        sent = [await self._send(text, topic, group) for group in groups.values()]
+        sent = []
+        for group in groups.values():
+            try:
+                sent.append(await self._send(text, topic, group))
+            except AskError as exc:
+                if group[0].plan.translate is None:
+                    raise
+                # A translated card this document cannot make (a calibration fitted on another prompt
+                # shape): those receivers get the text rather than nothing.
+                fallback = [_as_text(c, f"no translated card ({exc}): text") for c in group]
+                for choice in fallback:
+                    self.events.emit("decision", receiver=choice.receiver, **choice.decision)
+                choices = [c for c in choices if c not in group] + fallback
+                sent.append(await self._send(text, topic, fallback))
         reply = dict(sent[0])
         reply["decisions"] = {c.receiver: c.decision for c in choices}
         reply["cards"] = {r: s["card"] for s in sent for r in s["receivers"]}
@@ -826,7 +848,7 @@ class Agent:
         return result
 
     async def _wait_for_card(self, card_id: str, wait_s: float) -> Received:
-        from qkv import CardFormatError
+        from qkv import CardCompatError, CardFormatError
 
         from .roles_answerer import CardSummary, TextSummary, summarise_card
         from .roles_reader import decode_document
@@ -846,6 +868,8 @@ class Agent:
                         summarise_card, card_id, data, self.lm, self._calibrations
                     )
                     text = False
+                except CardCompatError as exc:
+                    raise AskError(f"card {card_id} is held but cannot be read here: {exc}") from None
                 except CardFormatError:
                     # Not a card: a document handed over as text (or nothing usable).
                     try:
@@ -919,6 +943,7 @@ class Agent:
             "memory": {"available": reading.available, "total": reading.total, "rss": reading.process_rss},
             "peers": peers,
             "published": self._published,
+            "rejected": self._rejected,
             "bus": _plain(bus.stats()),
         }
         if self._store is not None:
@@ -962,6 +987,14 @@ def _plan_chooser(config: NodeConfig, lm: Any) -> PlanChooser:
         translations=translations,
         translate_at=reader.translate_at,
     )
+
+
+def _as_text(choice: Any, reason: str) -> Any:
+    """``choice`` (a reader_policy.Choice) turned into sending the text, with ``reason``."""
+    from .roles_reader import SendPlan
+
+    decision = {"representation": "text", "head_tokens": 0, "policy": False, "reason": reason}
+    return replace(choice, plan=SendPlan(kind="text"), decision=decision)
 
 
 def _kv_bytes_per_token(lm: Any) -> int:

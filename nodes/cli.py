@@ -162,9 +162,13 @@ def _bench_crossmodel(args: argparse.Namespace) -> int:
     if not (args.sender and args.receiver) or args.sender == args.receiver:
         print("edgebus bench quality: --sender and --receiver name two different models", file=sys.stderr)
         return 2
-    if args.offset or args.conditions:
-        print("edgebus bench quality: --offset and --conditions are for one model", file=sys.stderr)
+    one_model = [flag for flag, given in (("--offset", args.offset), ("--conditions", args.conditions),
+                 ("--kl", args.kl), ("--profile", args.profile)) if given]  # fmt: skip
+    if one_model:
+        print(f"edgebus bench quality: {', '.join(one_model)} are for one model", file=sys.stderr)
         return 2
+    # Calibration rows from the scored file start past the scored ones; from another file, at its start.
+    calib_offset = args.calib_offset if args.calib_offset is not None else (0 if args.calib_data else 500)
     run_crossmodel_bench(
         args.sender,
         args.receiver,
@@ -172,7 +176,7 @@ def _bench_crossmodel(args: argparse.Namespace) -> int:
         limit=args.limit,
         calib_data=Path(args.calib_data or args.data),
         calib_rows=args.calib_rows,
-        calib_offset=args.calib_offset,
+        calib_offset=calib_offset,
         calibration_path=args.calibration,
         budget=Budget(bits=args.bits),
         translate_at=args.translate_at,
@@ -487,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     cross.add_argument("--receiver", default=None, help="the model that reads them")
     cross.add_argument("--calib-data", default=None, help="calibration texts (default: --data, rows 500+)")
     cross.add_argument("--calib-rows", type=int, default=100)
-    cross.add_argument("--calib-offset", type=int, default=500, help="first calibration row")
+    cross.add_argument(
+        "--calib-offset", type=int, default=None, help="first calibration row (500 of --data, else 0)"
+    )
     cross.add_argument("--calibration", type=Path, default=None, help="artifact to reuse or save")
     cross.add_argument("--bits", type=int, default=4, help="card width")
     cross.add_argument("--translate-at", choices=("receiver", "sender"), default="receiver")

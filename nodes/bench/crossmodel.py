@@ -211,7 +211,7 @@ def run_crossmodel_bench(
     *,
     limit: int = 50,
     calib_data: Path,
-    calib_rows: int = 200,
+    calib_rows: int = 100,
     calib_offset: int = DEFAULT_CALIB_OFFSET,
     calibration_path: Path | None = None,
     ridge: float = 0.05,
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--limit", type=int, default=50)
     parser.add_argument("--calib-data", type=Path, required=True)
-    parser.add_argument("--calib-rows", type=int, default=200)
+    parser.add_argument("--calib-rows", type=int, default=100)
     parser.add_argument("--calib-offset", type=int, default=DEFAULT_CALIB_OFFSET)
     parser.add_argument("--calibration", type=Path, help="artifact to reuse, or where to save a new fit")
     parser.add_argument("--ridge", type=float, default=0.05)

@@ -92,5 +92,4 @@ def test_cards_pulled_over_the_bus_keep_the_receiver_within_its_store_budget(tmp
         f"receiver peak RSS {report['vm_hwm'] / MIB:.1f} MiB > baseline {report['baseline_rss'] / MIB:.1f}"
         f" MiB + budget 256 MiB + slack {SLACK / MIB:.0f} MiB"
     )
-    assert sent["held_cards_bytes"] == WINDOW * MAX_CARD
     assert sent["vm_hwm"] <= sent["baseline_rss"] + (WINDOW + 1) * MAX_CARD + SENDER_SLACK

@@ -121,6 +121,28 @@ def test_the_delivered_log_keeps_the_newest_ids_only(tmp_path: Path) -> None:
     assert len((tmp_path / "delivered.log").read_text().splitlines()) == 2
 
 
+def test_a_corrupt_delivered_log_costs_lines_not_the_start(tmp_path: Path) -> None:
+    digest = "ab" * 32
+    (tmp_path / "delivered.log").write_bytes(
+        f"c1 {digest}\nc\xff2 {digest}\ntorn\nc3 {digest[:10]}\nc4 {digest}\n".encode("latin-1")
+    )
+    spool = Spool(tmp_path, kept=1)  # two good ids over a bound of 1: compacted on open
+    assert (spool.is_delivered("c1"), spool.is_delivered("c4"), spool.delivered_count) == (False, True, 1)
+    assert (tmp_path / "delivered.log").read_text() == f"c4 {digest}\n"
+
+
+def test_a_failed_compaction_keeps_the_log_and_the_delivery(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, kept=1)
+    spool.mark_delivered(manifest_for(b"abc", card_id="a"))
+    (tmp_path / "delivered.log.tmp").mkdir()  # the rewrite cannot open its temporary file
+    spool.mark_delivered(manifest_for(b"abc", card_id="b"))  # reaches 2 * kept: compaction fails, quietly
+    assert (spool.is_delivered("a"), spool.is_delivered("b")) == (True, True)
+    assert [line.split()[0] for line in (tmp_path / "delivered.log").read_text().splitlines()] == ["a", "b"]
+    (tmp_path / "delivered.log.tmp").rmdir()
+    spool.mark_delivered(manifest_for(b"abc", card_id="c"))  # the next delivery compacts
+    assert (spool.is_delivered("b"), spool.is_delivered("c")) == (False, True)
+
+
 @contextlib.asynccontextmanager
 async def pair(tmp_path: Path, spool: str = "r", **receiver: object) -> AsyncIterator[tuple[Bus, Bus]]:
     sender_cfg = BusConfig(node_id="s", spool_dir=tmp_path / "s", insecure=True, chunk_bytes=CHUNK)

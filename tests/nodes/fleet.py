@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgebus import BusKeys
 from nodes.demo_processes import free_port_base, keys_section, write_node_config
 
-__all__ = ["free_port_base", "node_config"]
+__all__ = ["client_keys", "free_port_base", "node_config"]
 
 FLEET = ("reader", "relay", "answerer", "client")
 QUESTION = "Who wrote the first program?"
@@ -41,3 +42,8 @@ def node_config(
         sections,
         peers=[{"endpoint": endpoint, "public_key": keys / f"{peer}.key"} for endpoint, peer in peers],
     )
+
+
+def client_keys(keys: Path) -> BusKeys:
+    """The test client's keys from a fleet's key directory (``write_fleet_keys`` with a ``client``)."""
+    return BusKeys.from_files(keys / "client.key_secret", keys / "allowed", keys / "hmac.key")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from edgebus import BusKeys, PeerInfo, load_public_key
+from edgebus import PeerInfo, load_public_key
 from nodes._errors import ConfigFileError
 from nodes.crossmodel import load_calibrations
 from nodes.demo_processes import NodeProcess, node_group, write_fleet_keys
@@ -33,7 +33,7 @@ from qkv import (
     calibrate_pair,
     load_model,
 )
-from tests.nodes.fleet import DOCUMENT, QUESTION, free_port_base, node_config
+from tests.nodes.fleet import DOCUMENT, QUESTION, client_keys, free_port_base, node_config
 from tests.qkv.test_crossmodel import SENTENCES, build_tiny_gemma_dir
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -154,10 +154,6 @@ def test_a_translated_card_is_summarised_and_answered_by_the_other_model(
         assert summarise_card("c1", data, tiny_lm).calibration is None
 
 
-def _client_keys(keys: Path) -> BusKeys:
-    return BusKeys.from_files(keys / "client.key_secret", keys / "allowed", keys / "hmac.key")
-
-
 @pytest.mark.timeout(180)
 async def test_nodes_of_two_models_hand_off_through_a_calibration(
     tiny_lm: LoadedModel,
@@ -195,7 +191,7 @@ async def test_nodes_of_two_models_hand_off_through_a_calibration(
         nodes.extend(started)
         await asyncio.gather(*(n.ready() for n in started))
         targets = [Target(endpoint=ep[n], server_key=load_public_key(keys / f"{n}.key")) for n in names]
-        async with connect(targets, keys=_client_keys(keys)) as client:
+        async with connect(targets, keys=client_keys(keys)) as client:
             # The reader decides from presence: wait until it has seen both answerers' info.
             for _ in range(100):
                 status = await client.request("reader", {"op": "status"}, timeout_s=10)
@@ -206,6 +202,14 @@ async def test_nodes_of_two_models_hand_off_through_a_calibration(
             sent = await client.request("reader", {"op": "read", "text": DOCUMENT}, timeout_s=60)
             by_card = await client.request("holds", {**ask, "card": sent["cards"]["holds"]}, timeout_s=60)
             by_text = await client.request("lacks", {**ask, "card": sent["cards"]["lacks"]}, timeout_s=60)
+            # A plain card of the reader's model, forced by the request: neither Gemma node can read it.
+            forced = await client.request(
+                "reader", {"op": "read", "text": DOCUMENT, "representation": "card"}, timeout_s=60
+            )
+            rejected = await asyncio.gather(
+                *(n.event("card_rejected", where=lambda e: e["card"] == forced["card"]) for n in started[1:])
+            )
+            statuses = [await client.request(n, {"op": "status"}, timeout_s=10) for n in ("holds", "lacks")]
 
     decisions = sent["decisions"]
     assert decisions["holds"]["translate"]["calibration"] == calibration.id
@@ -222,3 +226,6 @@ async def test_nodes_of_two_models_hand_off_through_a_calibration(
     assert by_card["answer"] == expected.text
     assert by_text["representation"] == "text"
     assert by_text["answer"] == answer_from_text(gemma, DOCUMENT, QUESTION, max_new_tokens=6).text
+    # Refused with the reason, counted, and the nodes kept serving.
+    assert all("another model" in event["error"] for event in rejected)
+    assert [status["rejected"] for status in statuses] == [1, 1]

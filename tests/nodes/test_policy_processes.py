@@ -28,14 +28,10 @@ from nodes.demo_processes import NodeProcess, node_group, write_fleet_keys
 from nodes.roles_client import Target, connect
 from nodes.roles_reader import SendPlan, read_document
 from qkv import Budget, answer_from_card, answer_from_text
-from tests.nodes.fleet import DOCUMENT, FLEET, QUESTION, free_port_base, node_config
+from tests.nodes.fleet import DOCUMENT, FLEET, QUESTION, client_keys, free_port_base, node_config
 
 ENV = {"OMP_NUM_THREADS": "1"}
 ASK = {"op": "ask", "question": QUESTION, "wait_s": 30, "max_new_tokens": 8}
-
-
-def _client_keys(keys: Path) -> BusKeys:
-    return BusKeys.from_files(keys / "client.key_secret", keys / "allowed", keys / "hmac.key")
 
 
 def _tiny_table(path: Path) -> Path:
@@ -78,7 +74,7 @@ async def test_policy_decides_and_every_representation_answers(
             Target(endpoint=ep, server_key=load_public_key(keys / f"{name}.key"))
             for name, ep in (("reader", reader_ep), ("answerer", answerer_ep))
         ]
-        async with connect(targets, keys=_client_keys(keys)) as client:
+        async with connect(targets, keys=client_keys(keys)) as client:
             link = await wait_for_link(client, timeout_s=30)
             decided = await client.request("reader", {"op": "read", "text": DOCUMENT}, timeout_s=60)
             by_policy = await client.request("answerer", {**ASK, "card": decided["card"]}, timeout_s=60)
@@ -180,7 +176,7 @@ async def test_hostile_artifacts_are_refused_and_the_answerer_keeps_answering(
         for index in range(len(hostile)):
             await answerer.event("card_rejected", where=lambda e, i=index: e["card"] == f"bad-{i}")
         target = Target(endpoint=ready["control"], server_key=load_public_key(keys / "answerer.key"))
-        async with connect([target], keys=_client_keys(keys)) as client:
+        async with connect([target], keys=client_keys(keys)) as client:
             reply = await client.request("answerer", {**ASK, "card": "good"}, timeout_s=60)
             status = await client.request("answerer", {"op": "status"}, timeout_s=10)
             with pytest.raises(AskError, match="no card"):

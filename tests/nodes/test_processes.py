@@ -12,21 +12,17 @@ from typing import Any
 
 import pytest
 
-from edgebus import BusKeys, load_public_key
+from edgebus import load_public_key
 from nodes._errors import AskError
 from nodes.demo_processes import NodeProcess, node_group, write_fleet_keys
 from nodes.roles_client import Target, connect
 from nodes.roles_relay import relay_card
 from qkv._budget import Budget
 from qkv._pipeline import answer_from_card, encode_context
-from tests.nodes.fleet import DOCUMENT, FLEET, QUESTION, free_port_base, node_config
+from tests.nodes.fleet import DOCUMENT, FLEET, QUESTION, client_keys, free_port_base, node_config
 
 ENV = {"OMP_NUM_THREADS": "1"}
 RELAY_QUESTION = "What did Babbage design?"
-
-
-def _client_keys(keys: Path) -> BusKeys:
-    return BusKeys.from_files(keys / "client.key_secret", keys / "allowed", keys / "hmac.key")
 
 
 def _target(ready: dict[str, Any], keys: Path, name: str) -> Target:
@@ -59,7 +55,7 @@ async def test_handoff_answers_like_one_process_and_drains(
         nodes.extend([reader, answerer])
         r_ready, a_ready = await asyncio.gather(reader.ready(), answerer.ready())
         targets = [_target(r_ready, keys, "reader"), _target(a_ready, keys, "answerer")]
-        async with connect(targets, keys=_client_keys(keys)) as client:
+        async with connect(targets, keys=client_keys(keys)) as client:
             assert client.nodes == ["answerer", "reader"]
             sent = await client.request("reader", {"op": "read", "text": DOCUMENT}, timeout_s=60)
             reply = await client.request(
@@ -125,7 +121,7 @@ async def test_relay_chain_and_restart(tiny_lm: Any, tiny_model_dir: Path, tmp_p
         nodes.extend([reader, relay, answerer])
         r_ready, _, a_ready = await asyncio.gather(reader.ready(), relay.ready(), answerer.ready())
         targets = [_target(r_ready, keys, "reader"), _target(a_ready, keys, "answerer")]
-        async with connect(targets, keys=_client_keys(keys)) as client:
+        async with connect(targets, keys=client_keys(keys)) as client:
             assert client.nodes == ["answerer", "reader"]
             sent = await client.request("reader", {"op": "read", "text": DOCUMENT}, timeout_s=60)
             direct = await client.request(
@@ -173,7 +169,7 @@ async def test_relay_chain_and_restart(tiny_lm: Any, tiny_model_dir: Path, tmp_p
         nodes.append(again)
         b_ready = await again.ready()
         await again.event("card_already_delivered", where=lambda e: e["card"] == sent["card"])
-        async with connect([_target(b_ready, keys, "answerer")], keys=_client_keys(keys)) as client:
+        async with connect([_target(b_ready, keys, "answerer")], keys=client_keys(keys)) as client:
             later = await client.request(
                 "answerer", {"op": "ask", "card": sent["card"], "question": QUESTION}, timeout_s=60
             )
