@@ -146,6 +146,7 @@ def _bench_handoff(args: argparse.Namespace) -> int:
         model=args.model,
         bits=args.bits,
         group_size=args.group_size,
+        condition=args.condition,
         tokens=tuple(int(t) for t in args.tokens.split(",")),
         conditions=tuple(args.conditions.split(",")),
         split=args.split,
@@ -508,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     handoff.add_argument("--model", default="smollm2-135m-instruct")
     handoff.add_argument("--bits", type=int, default=4)
     handoff.add_argument("--group-size", type=int, default=32, help="values per quantization group")
+    handoff.add_argument("--condition", default=None, help="card budget as a quality condition (adaptive-3)")
     handoff.add_argument("--tokens", default="1024,2048,4096")
     handoff.add_argument("--conditions", default="loopback,100mbit,20mbit")
     handoff.add_argument(

@@ -54,6 +54,7 @@ class HandoffBenchConfig:
     model: str = "smollm2-135m-instruct"
     bits: int = 4
     group_size: int = 32  # values per quantization group (its fp16 scale and zero)
+    condition: str | None = None  # a quality-bench condition naming the card budget (overrides the two above)
     tokens: tuple[int, ...] = (1024, 2048, 4096)
     conditions: tuple[str, ...] = ("loopback", "100mbit", "20mbit")
     max_new_tokens: int = 16
@@ -245,7 +246,7 @@ def _requests(contexts: Sequence[BenchContext], config: HandoffBenchConfig) -> l
             {"op": "ask_text", "context": warm.text[:2000], "question": warm.question, "max_new_tokens": 2},
         ]
     ]
-    budget = {"bits": config.bits, "group_size": config.group_size}
+    budget = card_budget(config)
     card = {"representation": "card", "budget": budget}
     for ctx in contexts:
         ask = {"op": "ask", "card": "$last", "question": ctx.question, "wait_s": 300,
@@ -259,6 +260,18 @@ def _requests(contexts: Sequence[BenchContext], config: HandoffBenchConfig) -> l
         requests.append(["answerer", {"op": "ask_text", "context": ctx.text, "question": ctx.question,
                                       "max_new_tokens": config.max_new_tokens}])  # fmt: skip
     return requests
+
+
+def card_budget(config: HandoffBenchConfig) -> dict[str, Any]:
+    """The read requests' budget fields for the card and the split's tail."""
+    if config.condition is None:
+        return {"bits": config.bits, "group_size": config.group_size}
+    from nodes.bench.conditions import parse_condition
+
+    budget = parse_condition(config.condition).budget
+    if budget is None or budget.keep < 1 or budget.layers < 1:
+        raise ValueError(f"{config.condition!r} is not a whole-card condition (a split needs every token)")
+    return budget.to_dict()
 
 
 async def _drive_chained(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -315,6 +328,7 @@ async def _run_condition(
             "tokens": ctx.tokens,
             "bits": config.bits,
             "group_size": config.group_size,
+            "budget": card_budget(config),
             "card_bytes": sent["card_bytes"],
             "fp16_bytes": sent["fp16_bytes"],
             "text_bytes": len(ctx.text.encode()),

@@ -96,3 +96,13 @@ def test_bench_quality_with_two_models_runs_the_cross_model_bench(
             "--data", str(scored)]  # fmt: skip
     assert cli.main(same) == 2
     assert "two different models" in capsys.readouterr().err
+
+
+def test_the_handoff_bench_takes_a_card_budget_by_condition() -> None:
+    from nodes.bench.handoff import HandoffBenchConfig, card_budget
+
+    assert card_budget(HandoffBenchConfig(bits=3, group_size=64)) == {"bits": 3, "group_size": 64}
+    adaptive = card_budget(HandoffBenchConfig(condition="adaptive-3"))
+    assert (adaptive["adaptive"], adaptive["bits"], adaptive["keep"]) == (True, 4.0, 1.0)
+    with pytest.raises(ValueError, match="whole-card"):
+        card_budget(HandoffBenchConfig(condition="uniform-4+evict-0.5"))
