@@ -192,8 +192,8 @@ def test_a_split_override_without_a_head_takes_the_policys_balanced_head() -> No
     c = chooser()
     policy = c.choose([peer(bw_mbit=20)], DOC_4K, fingerprint="fp")[0]
     assert policy.plan.kind == "split"
-    bits = int(policy.decision["bits"])
-    override = parse_override({"representation": "split", "budget": {"bits": bits}}, FIXED)
+    assert policy.plan.budget is not None
+    override = parse_override({"representation": "split", "budget": policy.plan.budget.to_dict()}, FIXED)
     assert override is not None
     choice = c.resolve(override, [peer(bw_mbit=20)], DOC_4K, fingerprint="fp")
     assert choice.plan.head_tokens == policy.plan.head_tokens
