@@ -326,9 +326,9 @@ async def _run_condition(
         row = {
             "condition": name,
             "tokens": ctx.tokens,
-            "bits": config.bits,
-            "group_size": config.group_size,
-            "budget": card_budget(config),
+            "bits": card_budget(config)["bits"],
+            "group_size": card_budget(config)["group_size"],
+            "condition_name": config.condition,
             "card_bytes": sent["card_bytes"],
             "fp16_bytes": sent["fp16_bytes"],
             "text_bytes": len(ctx.text.encode()),
