@@ -397,7 +397,8 @@ def run_handoff_bench(
             if "split_ttft_s" in r:
                 series.setdefault(f"split, {r['condition']}", []).append((r["tokens"], r["split_ttft_s"]))
             series.setdefault(f"re-prefill, {r['condition']}", []).append((r["tokens"], r["text_ttft_s"]))
-        ttft_plot(series, title=f"receiver TTFT: {config.bits}-bit card vs re-prefill", out=plot)
+        card = config.condition or f"{config.bits}-bit"
+        ttft_plot(series, title=f"receiver TTFT: {card} card vs re-prefill", out=plot)
         print(f"plot: {plot}")
     return rows
 
