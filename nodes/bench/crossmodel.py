@@ -210,6 +210,7 @@ def run_crossmodel_bench(
     data: Path,
     *,
     limit: int = 50,
+    offset: int = 0,
     calib_data: Path,
     calib_rows: int = 100,
     calib_offset: int = DEFAULT_CALIB_OFFSET,
@@ -232,7 +233,7 @@ def run_crossmodel_bench(
 
     sender_lm = load_model(sender) if isinstance(sender, str) else sender
     receiver_lm = load_model(receiver) if isinstance(receiver, str) else receiver
-    rows = load_rows(data, limit=limit)
+    rows = load_rows(data, limit=limit, offset=offset)
     texts = calibration_texts(calib_data, rows=calib_rows, offset=calib_offset, exclude=rows)
     calibration = fit_or_load_calibration(
         sender_lm, receiver_lm, texts, path=calibration_path, ridge=ridge, span=span,
@@ -322,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--receiver", default="gemma3-270m")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--limit", type=int, default=50)
+    parser.add_argument("--offset", type=int, default=0, help="first scored row (to split a run)")
     parser.add_argument("--calib-data", type=Path, required=True)
     parser.add_argument("--calib-rows", type=int, default=100)
     parser.add_argument("--calib-offset", type=int, default=DEFAULT_CALIB_OFFSET)
@@ -340,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.receiver,
         args.data,
         limit=args.limit,
+        offset=args.offset,
         calib_data=args.calib_data,
         calib_rows=args.calib_rows,
         calib_offset=args.calib_offset,
