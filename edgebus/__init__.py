@@ -54,10 +54,12 @@ from ._policy import (
     balanced_head,
 )
 from ._sdnotify import Notifier, WatchdogPinger
+from ._spool import DELIVERED_KEPT
 from ._stats import BusStats
 
 __all__ = [
     "DEFAULT_INJECT_BYTES_PER_S",
+    "DELIVERED_KEPT",
     "HEAD_ID_BYTES",
     "AlreadyDelivered",
     "Announcement",

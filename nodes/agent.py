@@ -58,6 +58,7 @@ from dataclasses import dataclass, fields, replace
 from typing import IO, TYPE_CHECKING, Any, Final, TypeVar
 
 from edgebus import (
+    DELIVERED_KEPT,
     AlreadyDelivered,
     Announcement,
     Bus,
@@ -97,8 +98,8 @@ PROBE_BYTES: Final = 512 * 1024
 PROBE_TOPIC: Final = "probe/"
 #: Most peers whose link estimates a receiver advertises (presence info is bounded).
 MAX_ADVERTISED_LINKS: Final = 16
-#: Announced card ids an agent remembers having taken up (the bus's delivered log keeps the same count).
-SEEN_KEPT: Final = 65536
+#: Announced card ids an agent remembers having taken up: as many as the bus's delivered log keeps.
+SEEN_KEPT: Final = DELIVERED_KEPT
 
 T = TypeVar("T")
 #: What an intake does with a pulled card: (announcement, bytes, seconds the pull took).

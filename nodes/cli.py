@@ -157,34 +157,17 @@ def _bench_handoff(args: argparse.Namespace) -> int:
 
 def _bench_crossmodel(args: argparse.Namespace) -> int:
     """``bench quality --sender A --receiver B``: cards of A read by B through a fitted KV map."""
-    from nodes.bench.crossmodel import run_crossmodel_bench
-    from qkv import Budget
+    from nodes.bench.crossmodel import run_from_args
 
     if not (args.sender and args.receiver) or args.sender == args.receiver:
         print("edgebus bench quality: --sender and --receiver name two different models", file=sys.stderr)
         return 2
-    one_model = [flag for flag, given in (("--offset", args.offset), ("--conditions", args.conditions),
-                 ("--kl", args.kl), ("--profile", args.profile)) if given]  # fmt: skip
+    one_model = [flag for flag, given in (("--conditions", args.conditions), ("--kl", args.kl),
+                 ("--profile", args.profile)) if given]  # fmt: skip
     if one_model:
         print(f"edgebus bench quality: {', '.join(one_model)} are for one model", file=sys.stderr)
         return 2
-    # Calibration rows from the scored file start past the scored ones; from another file, at its start.
-    calib_offset = args.calib_offset if args.calib_offset is not None else (0 if args.calib_data else 500)
-    run_crossmodel_bench(
-        args.sender,
-        args.receiver,
-        Path(args.data),
-        limit=args.limit,
-        calib_data=Path(args.calib_data or args.data),
-        calib_rows=args.calib_rows,
-        calib_offset=calib_offset,
-        calibration_path=args.calibration,
-        budget=Budget(bits=args.bits),
-        translate_at=args.translate_at,
-        max_new_tokens=args.max_new_tokens,
-        json_out=args.json,
-        plot=args.plot,
-    )
+    run_from_args(args)
     return 0
 
 
@@ -490,14 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     cross = quality.add_argument_group("cross-model (cards of --sender read by --receiver)")
     cross.add_argument("--sender", default=None, help="the model that makes the cards")
     cross.add_argument("--receiver", default=None, help="the model that reads them")
-    cross.add_argument("--calib-data", default=None, help="calibration texts (default: --data, rows 500+)")
-    cross.add_argument("--calib-rows", type=int, default=100)
-    cross.add_argument(
-        "--calib-offset", type=int, default=None, help="first calibration row (500 of --data, else 0)"
-    )
-    cross.add_argument("--calibration", type=Path, default=None, help="artifact to reuse or save")
-    cross.add_argument("--bits", type=int, default=4, help="card width")
-    cross.add_argument("--translate-at", choices=("receiver", "sender"), default="receiver")
+    from nodes.bench.crossmodel_args import add_pair_arguments
+
+    add_pair_arguments(cross)
     quality.add_argument("--json", type=Path, default=None)
     quality.add_argument("--plot", type=Path, default=None)
     quality.set_defaults(handler=_bench_quality)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from nodes.bench.crossmodel_args import DEFAULT_CALIB_OFFSET, add_pair_arguments
 from nodes.bench.datasets import QARow, dataset_name, load_rows
 from nodes.bench.metrics import best_em, best_f1
 from nodes.bench.table import format_table
@@ -56,7 +57,6 @@ from qkv import (
 
 CONDITIONS = ("no-context", "text", "translated-kv", "translated-kv+facts", "facts-only", "translated-kv+vm")
 COLUMNS = ("dataset", "direction", "condition", "n", "f1", "em", "gap_closed", "sent_bytes", "ttft_s")
-DEFAULT_CALIB_OFFSET = 500
 
 
 @dataclass
@@ -317,33 +317,17 @@ def crossmodel_plot(summary: dict[str, Any], *, out: Path) -> Path:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--sender", default="smollm2-135m-instruct")
-    parser.add_argument("--receiver", default="gemma3-270m")
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--limit", type=int, default=50)
-    parser.add_argument("--offset", type=int, default=0, help="first scored row (to split a run)")
-    parser.add_argument("--calib-data", type=Path, required=True)
-    parser.add_argument("--calib-rows", type=int, default=100)
-    parser.add_argument("--calib-offset", type=int, default=DEFAULT_CALIB_OFFSET)
-    parser.add_argument("--calibration", type=Path, help="artifact to reuse, or where to save a new fit")
-    parser.add_argument("--ridge", type=float, default=0.05)
-    parser.add_argument("--span", type=int, default=2)
-    parser.add_argument("--variance-match", action="store_true")
-    parser.add_argument("--bits", type=int, default=4, help="card width: 1..8, 16 (fp16) or 32 (lossless)")
-    parser.add_argument("--translate-at", choices=("receiver", "sender"), default="receiver")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--plot", type=Path)
-    args = parser.parse_args(argv)
-    run_crossmodel_bench(
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`run_crossmodel_bench` with the options of :func:`add_pair_arguments` and the data options
+    (``--sender --receiver --data --limit --offset --max-new-tokens --json --plot``)."""
+    data = Path(args.data)
+    return run_crossmodel_bench(
         args.sender,
         args.receiver,
-        args.data,
+        data,
         limit=args.limit,
         offset=args.offset,
-        calib_data=args.calib_data,
+        calib_data=Path(args.calib_data or data),
         calib_rows=args.calib_rows,
         calib_offset=args.calib_offset,
         calibration_path=args.calibration,
@@ -356,6 +340,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         json_out=args.json,
         plot=args.plot,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--sender", default="smollm2-135m-instruct")
+    parser.add_argument("--receiver", default="gemma3-270m")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--limit", type=int, default=50)
+    parser.add_argument("--offset", type=int, default=0, help="first scored row (to split a run)")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    add_pair_arguments(parser)
+    run_from_args(parser.parse_args(argv))
     return 0
 
 

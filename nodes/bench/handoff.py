@@ -27,7 +27,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +217,20 @@ async def run_driver(pair: LinkPair, module: str, spec: dict[str, Any]) -> Any:
     if proc.returncode != 0:
         raise RuntimeError(f"bench driver failed in condition {pair.name} (rc={proc.returncode})")
     return json.loads(out)
+
+
+def driver_main(
+    argv: Sequence[str] | None, module: str, drive: Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]
+) -> int:
+    """The ``python -m MODULE drive SPEC.json`` entry :func:`run_driver` starts: run ``drive`` on the spec
+    and print its result as JSON."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) == 2 and args[0] == "drive":
+        print(json.dumps(asyncio.run(drive(json.loads(Path(args[1]).read_text(encoding="utf-8"))))))
+        return 0
+    bench = module.rsplit(".", 1)[-1]
+    print(f"usage: python -m {module} drive SPEC.json  (the bench itself: edgebus bench {bench})")
+    return 2
 
 
 @asynccontextmanager
@@ -411,13 +425,7 @@ _COLUMNS = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) == 2 and args[0] == "drive":
-        replies = asyncio.run(_drive_chained(json.loads(Path(args[1]).read_text())))
-        print(json.dumps(replies))
-        return 0
-    print("usage: python -m nodes.bench.handoff drive SPEC.json  (the bench itself: edgebus bench handoff)")
-    return 2
+    return driver_main(argv, "nodes.bench.handoff", _drive_chained)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from nodes.bench.handoff import (
     SHARED_DATA,
     BenchContext,
     build_contexts,
+    driver_main,
     link_pair,
     run_driver,
     spec_client,
@@ -351,13 +352,7 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) == 2 and args[0] == "drive":
-        rows = asyncio.run(_drive(json.loads(Path(args[1]).read_text(encoding="utf-8"))))
-        print(json.dumps(rows))
-        return 0
-    print("usage: python -m nodes.bench.policy drive SPEC.json  (the bench itself: edgebus bench policy)")
-    return 2
+    return driver_main(argv, "nodes.bench.policy", _drive)
 
 
 if __name__ == "__main__":

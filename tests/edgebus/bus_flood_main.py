@@ -41,7 +41,7 @@ import psutil
 
 from edgebus import Bus, BusConfig, CardStore, CardStoreConfig, PeerAddress, PsutilMemoryProbe
 from tests.edgebus.peer_main import emit
-from tests.edgebus.store_flood_main import MIB, random_sizes, vm_hwm_bytes
+from tests.edgebus.store_flood_main import MIB, add_flood_arguments, random_sizes, vm_hwm_bytes
 
 SENDER: Final = "flood-sender"
 RECEIVER: Final = "flood-receiver"
@@ -163,13 +163,8 @@ def main() -> int:
     parser.add_argument("mode", choices=["send", "receive"])
     parser.add_argument("--spool", type=Path, required=True)
     parser.add_argument("--connect", default="")
-    parser.add_argument("--cards", type=int, default=1000)
-    parser.add_argument("--budget-mib", type=int, default=256)
-    parser.add_argument("--min-mib", type=int, default=1)
-    parser.add_argument("--max-mib", type=int, default=4)
-    parser.add_argument("--pin-every", type=int, default=50)
+    add_flood_arguments(parser)
     parser.add_argument("--window", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.mode == "send":
         asyncio.run(send(args))

@@ -43,15 +43,20 @@ def vm_hwm_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def add_flood_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flood's shape, shared with the over-the-bus flood (bus_flood_main.py)."""
     parser.add_argument("--cards", type=int, default=1000)
     parser.add_argument("--budget-mib", type=int, default=256)
     parser.add_argument("--min-mib", type=int, default=1)
     parser.add_argument("--max-mib", type=int, default=4)
     parser.add_argument("--pin-every", type=int, default=50)
-    parser.add_argument("--in-flight", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_flood_arguments(parser)
+    parser.add_argument("--in-flight", type=int, default=3)
     args = parser.parse_args()
 
     process = psutil.Process()
