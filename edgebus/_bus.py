@@ -38,7 +38,7 @@ from typing import Any, Final
 import zmq
 import zmq.asyncio
 
-from . import _frame
+from . import _digest, _frame
 from ._announce import Announcement, AnnouncementStream, Change, PeerCatalog
 from ._boundary import pack, unpack_untrusted, zmq_errors
 from ._config import BusConfig, PeerAddress, bind_endpoints
@@ -137,6 +137,8 @@ class _Outbound:
         self.last_heard = 0.0
         self.live = False
         self.catalog = PeerCatalog()
+        #: The peer's per-receiver data queue in chunks (its PONG's "q"; None from a peer that omits it).
+        self.queue_chunks: int | None = None
         self.snapshot_running = False
         self.transfers: dict[str, _Transfer] = {}
         self.tasks: list[asyncio.Task[None]] = []
@@ -470,12 +472,12 @@ class Bus:
         role: str,
         kind: Kind,
         topic: bytes,
-        parts: list[_frame.Buffer],
+        parts: list[_digest.Buffer],
         *,
         codec: Codec | None = None,
         fields: Mapping[str, _frame.FieldValue] | None = None,
         digest: bytes | None = None,
-    ) -> list[_frame.Buffer]:
+    ) -> list[_digest.Buffer]:
         header = _frame.make_header(
             kind, self.config.node_id, self._next_seq(role), _now(), parts,
             codec=codec, fields=fields, digest=digest,
@@ -483,7 +485,7 @@ class Bus:
         return _frame.encode_frame(topic, header, parts, self._hmac_key)
 
     async def _send(
-        self, sock: zmq.asyncio.Socket, frames: list[_frame.Buffer], ident: bytes | None = None
+        self, sock: zmq.asyncio.Socket, frames: list[_digest.Buffer], ident: bytes | None = None
     ) -> bool:
         """Send without blocking; a full queue or a vanished ROUTER peer drops the message (counted)."""
         if ident is not None:
@@ -608,6 +610,7 @@ class Bus:
                 "ann": self._endpoints.announce,
                 "ae": self._ann_epoch,
                 "an": self._ann_seq,
+                "q": self.config.send_hwm_chunks,
             }
             await self._send_msgpack(
                 self._ctl_router, "ctl-router", Kind.PONG, TOPIC_CONTROL, pong, ident=ident
@@ -652,6 +655,8 @@ class Bus:
         link.node_id = header.sender
         link.roles = _str_tuple(body.get("roles"), "roles")
         link.info = MappingProxyType(info)
+        queue = body.get("q")
+        link.queue_chunks = queue if type(queue) is int and queue > 0 else None
         link.last_heard = time.monotonic()
         if isinstance(echo, float) and echo > 0:
             self._link(header.sender).add_rtt(max(0.0, time.monotonic() - echo))
@@ -834,7 +839,7 @@ class Bus:
             return
         self._ann_seq += 1
         fields: dict[str, _frame.FieldValue] = {"e": self._ann_epoch, "n": self._ann_seq, "c": card_id}
-        parts: list[_frame.Buffer] = [] if payload is None else [pack(dict(payload))]
+        parts: list[_digest.Buffer] = [] if payload is None else [pack(dict(payload))]
         codec = Codec.NONE if payload is None else Codec.MSGPACK
         frames = self._seal("xpub", kind, TOPIC_ANNOUNCE, parts, codec=codec, fields=fields)
         if not await self._send(self._xpub, frames):
@@ -1123,7 +1128,7 @@ class Bus:
         card_id: str | None = None,
         meta: Mapping[str, Any] | None = None,
     ) -> str:
-        """Hold ``data`` for pulls and announce it; returns the card id (default: sha256 hex, 32 chars).
+        """Hold ``data`` for pulls and announce it; returns the card id (default: digest hex, 32 chars).
 
         The bytes are referenced, not copied: do not mutate a buffer you published. Raises
         :class:`PayloadTooLarge`, :class:`StoreFull`, :class:`ConfigError` (no ``bind``: nothing to serve
@@ -1223,7 +1228,7 @@ class Bus:
             # A cancelled wait does not stop the thread: close whatever it opens once it is done.
             opening.add_done_callback(lambda job: partial.close())
             raise
-        puller = ChunkPuller(manifest, verified, self.config.credit_bytes)
+        puller = ChunkPuller(manifest, verified, self._credit(link, manifest))
         transfer = _Transfer(puller, partial, self._pool)
         try:
             if link.transfers.setdefault(manifest.card_id, transfer) is not transfer:
@@ -1312,6 +1317,18 @@ class Bus:
                 else:
                     self._counters.rejected["chunk_digest"] += 1
                     puller.on_rejected(index)
+
+    def _credit(self, link: _Outbound, manifest: CardManifest) -> int:
+        """Bytes to keep requested: ours, capped so the sender's queue never overflows.
+
+        The sender drops a chunk its per-peer queue has no room for, and the request then waits out
+        ``chunk_timeout_s``: a receiver configured with more credit than the sender's ``send_buffer_bytes``
+        would stall on every window. libzmq's writer sees freed queue slots only in batches of half the
+        high-water mark, so half the peer's queue is what is safe to have in flight.
+        """
+        if link.queue_chunks is None:
+            return self.config.credit_bytes
+        return min(self.config.credit_bytes, max(1, link.queue_chunks // 2) * manifest.chunk_bytes)
 
     def _chunk_timeout(self, link: _Outbound) -> float:
         """Wait for a chunk: the configured floor, or longer when the measured link is slow."""

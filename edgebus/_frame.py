@@ -13,7 +13,8 @@ front; that frame is not part of the codec)::
         seq     int     per-sender, per-socket 64-bit sequence number (replay window input)
         time    float   sender's wall clock, seconds since the epoch (replay window input)
         length  int     total payload bytes over parts 2..
-        digest  bytes   SHA-256 of the concatenated payload parts; b"" when length is 0
+        digest  bytes   BLAKE3 (32 bytes, :mod:`edgebus._digest`) of the concatenated payload parts;
+                        b"" when length is 0
         codec   int     a :class:`Codec` saying how to read the payload
         fields  map     small kind-specific values: str keys; str/int/float/bool/bytes/None values
 
@@ -35,7 +36,6 @@ not know. New kind-specific ``fields`` keys may be added without a bump (unknown
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import math
 from collections.abc import Mapping, Sequence
@@ -44,20 +44,20 @@ from types import MappingProxyType
 from typing import Final, TypeAlias
 
 from ._boundary import pack, unpack_untrusted
+from ._digest import DIGEST_BYTES, Buffer, digest_parts
 from ._errors import FrameError, OversizeError, SignatureError, VersionError
 
 MAGIC: Final = b"EB"
-VERSION: Final = 1
+#: 2: payload digests are BLAKE3 (1 used SHA-256).
+VERSION: Final = 2
 MAC_BYTES: Final = 32
 PREFIX_BYTES: Final = len(MAGIC) + 1 + MAC_BYTES
 MAX_TOPIC_BYTES: Final = 255
 MAX_SENDER_CHARS: Final = 64
 #: Default bound on the header part; kind-specific fields are meant to be small.
 MAX_HEADER_BYTES: Final = 4096
-DIGEST_BYTES: Final = 32
 MAX_SEQ: Final = (1 << 64) - 1
 
-Buffer: TypeAlias = bytes | bytearray | memoryview
 FieldValue: TypeAlias = str | int | float | bool | bytes | None
 
 
@@ -100,13 +100,10 @@ class Header:
 
 
 def payload_digest(parts: Sequence[Buffer]) -> bytes:
-    """SHA-256 over the concatenated parts; ``b""`` for an empty payload."""
+    """The digest of the concatenated parts; ``b""`` for an empty payload."""
     if sum(len(p) for p in parts) == 0:
         return b""
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part)
-    return h.digest()
+    return digest_parts(parts)
 
 
 def make_header(

@@ -4,7 +4,7 @@ Layout under ``spool_dir``::
 
     delivered.log              one line per delivered card: "<card_id> <transfer digest hex>"
     <card_id>-<d16>.part       chunk bytes at their offsets (sparse until complete); d16 = digest prefix
-    <card_id>-<d16>.log        36-byte records: chunk index (u32 big-endian) + the chunk's SHA-256
+    <card_id>-<d16>.log        36-byte records: chunk index (u32 big-endian) + the chunk's digest
 
 A chunk is hashed, then written to ``.part``, then recorded in ``.log``; on reopening, every recorded chunk
 is hashed again from ``.part`` and kept only if it still matches, so a torn write costs a re-fetch, never a
@@ -30,7 +30,6 @@ so no name leads to the mapped file any more and nothing can truncate it under t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import logging
 import mmap
@@ -39,6 +38,7 @@ import struct
 from pathlib import Path
 from typing import Final
 
+from ._digest import digest as chunk_digest
 from ._errors import StoreError
 from ._transfer import CardManifest
 
@@ -108,7 +108,7 @@ class PartialCard:
             for index, digest in records.items():
                 length = self.manifest.chunk_len(index)
                 data = os.pread(fd, length, index * self.manifest.chunk_bytes)
-                if len(data) == length and hmac.compare_digest(hashlib.sha256(data).digest(), digest):
+                if len(data) == length and hmac.compare_digest(chunk_digest(data), digest):
                     good[index] = digest
         finally:
             os.close(fd)
@@ -117,7 +117,7 @@ class PartialCard:
     def write_verified(self, index: int, data: memoryview, digest: bytes) -> bool:
         """Hash ``data``; if it matches ``digest`` spool it and record it (after :meth:`open`).
 
-        Blocking, and both ``hashlib`` and ``os.pwrite`` release the GIL: run it in a worker thread so
+        Blocking, and both the hash and ``os.pwrite`` release the GIL: run it in a worker thread so
         one chunk is hashed and written while the event loop receives the next.
         """
         part_fd, log_fd = self._part_fd, self._log_fd
@@ -125,7 +125,7 @@ class PartialCard:
             raise StoreError(f"spool file {self.part_path.name} is not open")
         if len(data) != self.manifest.chunk_len(index):
             return False
-        if not hmac.compare_digest(hashlib.sha256(data).digest(), digest):
+        if not hmac.compare_digest(chunk_digest(data), digest):
             return False
         offset = index * self.manifest.chunk_bytes
         written = 0

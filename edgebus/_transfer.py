@@ -1,10 +1,11 @@
 """Chunked card transfer with byte-credit flow control (the ZeroMQ guide's credit-based file transfer).
 
 A card of ``size`` bytes is cut into chunks of ``chunk_bytes`` (the last one shorter). Its transfer digest
-is a hash list: ``SHA-256(sha256(chunk_0) || sha256(chunk_1) || ...)``. Each CHUNK frame carries its
-chunk's SHA-256 in the signed header; the receiver checks the chunk against it before spooling, and checks
-the list of verified chunk digests against the announced card digest before delivering. Any altered chunk
-therefore fails one of the two checks, end to end, while every byte is hashed only once per side.
+is a hash list: ``H(H(chunk_0) || H(chunk_1) || ...)``, H the protocol's BLAKE3 (:mod:`edgebus._digest`).
+Each CHUNK frame carries its chunk's digest in the signed header; the receiver checks the chunk against it
+before spooling, and checks the list of verified chunk digests against the announced card digest before
+delivering. Any altered chunk therefore fails one of the two checks, end to end, while every byte is hashed
+only once per side.
 
 Receiver state machine (:class:`ChunkPuller`), one per transfer::
 
@@ -20,15 +21,13 @@ high-water mark counted in chunks. The sender side is stateless per request: :fu
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
 
+from ._digest import DIGEST_BYTES, digest, digest_parts
 from ._errors import FrameError
 
-DIGEST_BYTES: Final = 32
 CARD_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -40,21 +39,18 @@ def valid_card_id(card_id: object) -> str:
 
 
 def default_card_id(data: bytes | memoryview) -> str:
-    """The default card id: first 32 hex characters of SHA-256 of the bytes."""
-    return hashlib.sha256(data).hexdigest()[:32]
+    """The default card id: the first 32 hex characters of the bytes' digest."""
+    return digest(data).hex()[:32]
 
 
 def chunk_digests(data: bytes | memoryview, chunk_bytes: int) -> list[bytes]:
     view = memoryview(data)
-    return [hashlib.sha256(view[o : o + chunk_bytes]).digest() for o in range(0, len(view), chunk_bytes)]
+    return [digest(view[o : o + chunk_bytes]) for o in range(0, len(view), chunk_bytes)]
 
 
 def list_digest(digests: Iterable[bytes]) -> bytes:
     """The card's transfer digest from its chunk digests in order."""
-    h = hashlib.sha256()
-    for d in digests:
-        h.update(d)
-    return h.digest()
+    return digest_parts(digests)
 
 
 @dataclass(frozen=True, slots=True)

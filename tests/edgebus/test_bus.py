@@ -184,3 +184,27 @@ async def test_curve_carries_chunks_as_large_as_the_receiver_allows(tmp_path: Pa
         async with Bus(client_cfg) as client:
             ann = await anext(client.announcements())
             assert await client.fetch_card(ann) == card
+
+
+async def test_receiver_credit_is_capped_by_the_senders_queue(tmp_path: Path) -> None:
+    # The receiver asks for 16 chunks at a time; the sender queues 4 per peer. Uncapped, the sender drops
+    # requested chunks and the receiver waits out chunk_timeout_s for each one.
+    chunk = 1 << 20
+    server_cfg = BusConfig(
+        node_id="server", spool_dir=tmp_path / "s", insecure=True, chunk_bytes=chunk,
+        send_buffer_bytes=4 * chunk, **FAST,
+    )  # fmt: skip
+    async with Bus(server_cfg) as server:
+        card = bytes(range(256)) * (32 * chunk // 256)  # 32 chunks
+        await server.publish_card("kv/c", card)
+        client_cfg = BusConfig(
+            node_id="client", spool_dir=tmp_path / "c", insecure=True, bind=None, credit_bytes=16 * chunk,
+            connect=(PeerAddress(endpoint=server.endpoints.control),), chunk_timeout_s=60.0, **FAST,
+        )  # fmt: skip
+        async with Bus(client_cfg) as client:
+            ann = await anext(client.announcements())
+            async with asyncio.timeout(30):
+                assert await client.fetch_card(ann) == card
+        stats = server.stats()
+        assert stats.send_dropped == 0
+        assert stats.chunks_served == 32

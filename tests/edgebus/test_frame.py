@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgebus import FrameError, OversizeError, SignatureError, VersionError
+from edgebus._digest import digest
 from edgebus._frame import (
     Codec,
     Kind,
@@ -26,13 +27,20 @@ KEY = b"k" * 32
 def test_golden_vector() -> None:
     header = make_header(Kind.PING, "a", 1, 1.0, [], fields={"c": "x"})
     encoded = encode_header(b"ctl", header, KEY)
-    assert encoded[:3] == b"EB\x01"
+    assert encoded[:3] == b"EB\x02"
     # Pinned: a change here is a wire format change and must bump VERSION.
     assert hashlib.sha256(encoded).hexdigest() == GOLDEN_SHA256
     assert decode_header(b"ctl", encoded, KEY) == header
 
 
-GOLDEN_SHA256 = "b1437ef3313d2cb97f3dce20a14ec7761e478f426d91fb2bc3237a03254f914c"
+GOLDEN_SHA256 = "b2e6afebb8a69fa2a33f8c3ec1fb0badca7060e61689511d1fae48f0ea60ea0b"
+
+
+def test_payload_digest_is_blake3() -> None:
+    # The BLAKE3 reference test vector for the empty input (BLAKE3 team's test_vectors.json).
+    assert digest(b"").hex() == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    parts = [b"hello ", b"world"]
+    assert make_header(Kind.CHUNK, "n", 5, 2.0, parts).digest == digest(b"hello world")
 
 
 def test_round_trip_with_payload() -> None:
@@ -43,7 +51,7 @@ def test_round_trip_with_payload() -> None:
     assert topic == b"dat"
     assert decoded == header
     assert b"".join(bytes(p) for p in payload) == b"hello world"
-    assert decoded.digest == hashlib.sha256(b"hello world").digest()
+    assert decoded.digest == digest(b"hello world")
     assert decoded.codec is Codec.RAW
 
 
