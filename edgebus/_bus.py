@@ -77,6 +77,8 @@ CHUNKS_PER_SAMPLE: Final = 8
 #: in about 33 bytes of its own, and libzmq drops (for good) a connection whose wire frame exceeds the
 #: limit. The frame codec still enforces the exact payload limits.
 WIRE_SLACK_BYTES: Final = 4096
+#: Messages at least this large are sent zero-copy.
+ZERO_COPY_FROM: Final = 64 * 1024
 #: Worker threads that hash and spool received chunks (hashlib and pwrite release the GIL).
 SPOOL_WORKERS: Final = 2
 
@@ -491,7 +493,10 @@ class Bus:
         if ident is not None:
             frames = [ident, *frames]
         try:
-            await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            # Zero-copy pays for itself on chunks only: each zero-copy part costs a free-callback
+            # round trip through pyzmq's garbage-collector thread.
+            copy = sum(len(f) for f in frames) < ZERO_COPY_FROM
+            await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
         except zmq.Again:
             self._counters.values["send_dropped"] += 1
             return False
