@@ -619,7 +619,7 @@ class Agent:
 
     async def _send(self, text: str, topic: str, group: list[Any]) -> dict[str, Any]:
         """Make one plan's artifact and publish it for ``group``'s receivers: a split's head first."""
-        from qkv import CalibrationError
+        from qkv import CalibrationError, CardCompatError
 
         from .roles_reader import PrefillCache, head_message, read_document
 
@@ -634,7 +634,8 @@ class Agent:
                 text,
                 plan,
             )
-        except (ValueError, CalibrationError) as exc:
+        except (ValueError, CalibrationError, CardCompatError) as exc:
+            # CardCompatError: a translation at the sender whose calibration does not fit this card.
             raise AskError(f"cannot make a {plan.kind} of this document: {exc}") from None
         receivers = [c.receiver for c in group if c.receiver != "*"]
         addressed: dict[str, Any] = {"for": receivers} if receivers else {}

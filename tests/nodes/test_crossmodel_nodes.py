@@ -9,6 +9,7 @@ the second gets the text.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -25,6 +26,7 @@ from nodes.roles_client import Target, connect
 from nodes.roles_reader import SendPlan, read_document
 from qkv import (
     Budget,
+    CalibrationError,
     CardCompatError,
     CrossModelCalibration,
     LoadedModel,
@@ -229,3 +231,66 @@ async def test_nodes_of_two_models_hand_off_through_a_calibration(
     # Refused with the reason, counted, and the nodes kept serving.
     assert all("another model" in event["error"] for event in rejected)
     assert [status["rejected"] for status in statuses] == [1, 1]
+
+
+@pytest.mark.timeout(180)
+async def test_a_translation_the_reader_cannot_make_falls_back_to_text(
+    tiny_lm: LoadedModel,
+    tiny_model_dir: Path,
+    gemma: LoadedModel,
+    gemma_dir: Path,
+    calibration: CrossModelCalibration,
+    tmp_path: Path,
+) -> None:
+    # A calibration fitted with another template head than the reader's cards have: the sender-side
+    # translation of every card fails, and the receiver of the other model must get the text instead.
+    shifted = dataclasses.replace(calibration.sender, head_tokens=calibration.sender.head_tokens + 3)
+    mismatched = dataclasses.replace(calibration, sender=shifted)
+    plan = SendPlan(
+        kind="card", budget=Budget(bits=8, facts=True), translate=mismatched, translate_at="sender"
+    )
+    with pytest.raises(CalibrationError, match="was fitted with"):
+        read_document(tiny_lm, DOCUMENT, plan, sender="reader")
+    mismatched_file = tmp_path / "mismatched.safetensors"
+    mismatched.save(mismatched_file)
+
+    names = ("reader", "other")
+    keys = write_fleet_keys(tmp_path / "keys", (*names, "client"))
+    ep = {name: f"tcp://127.0.0.1:{free_port_base()}" for name in names}
+    reader = {"topic": "kv/reader", "bits": 8, "translate": [str(mismatched_file)], "translate_at": "sender"}
+    reader_cfg = node_config(
+        tmp_path, "reader", tiny_model_dir, keys, roles=["reader"], bind=ep["reader"], reader=reader
+    )
+    other_cfg = node_config(
+        tmp_path, "other", gemma_dir, keys, roles=["answerer"], bind=ep["other"],
+        peers=[(ep["reader"], "reader")], answerer={"topics": "kv/", "persist": False, "max_new_tokens": 6},
+    )  # fmt: skip
+    async with node_group() as nodes:
+        started = await asyncio.gather(
+            *(
+                NodeProcess.start(n, cfg, env=ENV)
+                for n, cfg in zip(names, (reader_cfg, other_cfg), strict=True)
+            )
+        )
+        nodes.extend(started)
+        await asyncio.gather(*(n.ready() for n in started))
+        targets = [Target(endpoint=ep[n], server_key=load_public_key(keys / f"{n}.key")) for n in names]
+        async with connect(targets, keys=client_keys(keys)) as client:
+            for _ in range(100):
+                status = await client.request("reader", {"op": "status"}, timeout_s=10)
+                if any(p["node"] == "other" and "model" in p["info"] for p in status["peers"]):
+                    break
+                await asyncio.sleep(0.2)
+            sent = await client.request("reader", {"op": "read", "text": DOCUMENT}, timeout_s=60)
+            ask = {"op": "ask", "question": QUESTION, "wait_s": 60, "max_new_tokens": 6}
+            answered = await client.request("other", {**ask, "card": sent["cards"]["other"]}, timeout_s=60)
+            # The reader kept serving: a second read makes the same choice.
+            again = await client.request("reader", {"op": "read", "text": DOCUMENT}, timeout_s=60)
+
+    for reply in (sent, again):
+        decision = reply["decisions"]["other"]
+        assert decision["representation"] == "text"
+        assert "no translated card" in decision["reason"]
+        assert "was fitted with" in decision["reason"]
+    assert answered["representation"] == "text"
+    assert answered["answer"] == answer_from_text(gemma, DOCUMENT, QUESTION, max_new_tokens=6).text
