@@ -52,6 +52,7 @@ from ._policy import (
     RateQualityTable,
     Representation,
     balanced_head,
+    predict_split,
 )
 from ._sdnotify import Notifier, WatchdogPinger
 from ._spool import DELIVERED_KEPT
@@ -121,4 +122,5 @@ __all__ = [
     "load_public_keys",
     "new_hmac_key",
     "new_keypair",
+    "predict_split",
 ]

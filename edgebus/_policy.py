@@ -426,6 +426,13 @@ def _split_ttft(point: RateQualityPoint, x: PolicyInputs, head: int) -> tuple[fl
     return max(head_side, tail_side) + after, head_side, tail_side
 
 
+def predict_split(point: RateQualityPoint, inputs: PolicyInputs, head: int) -> dict[str, float]:
+    """A split's predicted seconds at ``head`` tokens: ``ttft_s``, ``head_side_s`` (ids sent and
+    prefilled), ``tail_side_s`` (tail card transferred), for comparing with what a run measures."""
+    ttft, head_side, tail_side = _split_ttft(point, inputs, head)
+    return {"ttft_s": ttft, "head_side_s": head_side, "tail_side_s": tail_side}
+
+
 def balanced_head(point: RateQualityPoint, inputs: PolicyInputs) -> int:
     """The head length in ``0..n`` that minimises a split's predicted TTFT (module docstring)."""
     n = inputs.context_tokens

@@ -46,6 +46,7 @@ from edgebus import (
     PolicyInputs,
     RateQualityTable,
     balanced_head,
+    predict_split,
 )
 from qkv import Budget, CrossModelCalibration, TranslateAt
 
@@ -378,7 +379,9 @@ class PlanChooser:
             assert override.budget is not None
             head = override.head_tokens
             if head is None:
-                head = self._balanced_head(override.budget, peers, doc, fingerprint=fingerprint)
+                head, record["predicted"] = self._balanced_head(
+                    override.budget, peers, doc, fingerprint=fingerprint
+                )
                 record["reason"] += "; head length balanced by the policy"
             plan = SendPlan(kind="split", budget=override.budget, head_tokens=head)
         record["head_tokens"] = plan.head_tokens
@@ -386,7 +389,8 @@ class PlanChooser:
 
     def _balanced_head(
         self, budget: Budget, peers: Sequence[PeerInfo], doc: Document, *, fingerprint: str
-    ) -> int:
+    ) -> tuple[int, dict[str, Any]]:
+        """(head tokens, the prediction behind them: seconds per side and the inputs that set them)."""
         receivers = self.receivers(peers, fingerprint)
         cards = [
             p for p in (self._table.points if self._table is not None else ()) if p.representation == "card"
@@ -401,10 +405,17 @@ class PlanChooser:
                 "a split without 'head_tokens' needs a live receiver and a table point at its bits"
             )
         try:
-            inputs, _ = self._inputs(receivers[0], doc)
+            inputs, measured = self._inputs(receivers[0], doc)
         except (ValueError, InvalidPolicyInput) as exc:
             raise AskError(f"cannot balance the head: {exc}") from None
-        return min(max(balanced_head(point, inputs), 1), doc.tokens - 1)
+        head = min(max(balanced_head(point, inputs), 1), doc.tokens - 1)
+        predicted: dict[str, Any] = {k: round(v, 4) for k, v in predict_split(point, inputs, head).items()}
+        predicted.update(
+            bandwidth_mbit=round(inputs.bandwidth_bytes_per_s * 8 / 1e6, 3),
+            bandwidth="measured" if measured else "assumed",
+            prefill_tps=round(inputs.prefill_tokens_per_s, 1),
+        )
+        return head, predicted
 
     def _choose_one(self, peer: PeerInfo, doc: Document) -> Choice:
         if self._policy is None:

@@ -372,6 +372,17 @@ async def _run_condition(
                 split_same_answer=split["answer"] == text["answer"],
                 split_answer=split["answer"],
             )
+            # What the reader predicted when it balanced the head, beside what the run measured.
+            decisions: dict[str, dict[str, Any]] = split_sent.get("decisions") or {}
+            predicted = next(iter(decisions.values()), {}).get("predicted")
+            if isinstance(predicted, dict):
+                row.update(
+                    split_predicted_head_s=predicted.get("head_side_s"),
+                    split_predicted_tail_s=predicted.get("tail_side_s"),
+                    split_predicted_ttft_s=predicted.get("ttft_s"),
+                    split_predicted_link_mbit=predicted.get("bandwidth_mbit"),
+                    split_predicted_link=predicted.get("bandwidth"),
+                )
         rows.append(row)
     return rows
 

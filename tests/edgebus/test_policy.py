@@ -24,6 +24,7 @@ from edgebus._policy import (
     RateQualityPoint,
     RateQualityTable,
     balanced_head,
+    predict_split,
 )
 
 MB = 1_000_000
@@ -495,6 +496,10 @@ def test_balanced_head_is_where_head_prefill_meets_tail_transfer() -> None:
     prefill_h = x.prefill_s(h)
     tail = (6_445 * (4096 - h) + 4 * h) / x.bandwidth_bytes_per_s
     assert abs(prefill_h - tail) < 0.01 * tail
+    sides = predict_split(point, x, h)
+    assert math.isclose(sides["head_side_s"], x.rtt_s + 4 * h / x.bandwidth_bytes_per_s + prefill_h)
+    assert math.isclose(sides["tail_side_s"], x.rtt_s + tail)
+    assert sides["ttft_s"] > max(sides["head_side_s"], sides["tail_side_s"])
     assert balanced_head(point, split_inputs(bandwidth_bytes_per_s=1e12)) == 0  # the card is there at once
     assert balanced_head(point, split_inputs(bandwidth_bytes_per_s=1.0)) == 4096  # the card never arrives
 

@@ -197,6 +197,11 @@ def test_a_split_override_without_a_head_takes_the_policys_balanced_head() -> No
     assert override is not None
     choice = c.resolve(override, [peer(bw_mbit=20)], DOC_4K, fingerprint="fp")
     assert choice.plan.head_tokens == policy.plan.head_tokens
+    # The record says what the balance rested on: both sides' predicted seconds and the link used.
+    predicted = choice.decision["predicted"]
+    assert predicted["bandwidth"] == "measured"
+    assert predicted["bandwidth_mbit"] == pytest.approx(20, rel=1e-3)
+    assert predicted["head_side_s"] == pytest.approx(predicted["tail_side_s"], rel=0.02)
     with pytest.raises(AskError, match="live receiver"):
         c.resolve(override, [], DOC_4K, fingerprint="fp")
 
