@@ -371,6 +371,11 @@ async def _run_condition(
                 split_ratio=split_ttft / float(text["ttft_s"]),
                 split_same_answer=split["answer"] == text["answer"],
                 split_answer=split["answer"],
+                # Where the time after both sides went: ready = head prefilled and tail stored.
+                split_sent_to_ready_s=float(split["sent_to_ready_s"]),
+                split_answer_ttft_s=float(split["ttft_s"]),
+                split_decode_s=split.get("decode_s"),
+                split_join_s=split.get("head_s"),
             )
             # What the reader predicted when it balanced the head, beside what the run measured.
             decisions: dict[str, dict[str, Any]] = split_sent.get("decisions") or {}

@@ -98,10 +98,19 @@ def predicted_wire_bytes(
     if override["representation"] != "card":
         return None
     budget = override["budget"]
-    point = points.get(f"kv-{budget['bits']}")
-    if point is None:
-        return None
-    return float(point["bytes_per_token"]) * tokens * float(budget.get("keep", 1.0))
+    bits = budget["bits"]
+    point = points.get(f"kv-{bits}")
+    if point is not None:
+        per_token = float(point["bytes_per_token"])
+    else:
+        # A width the table dropped (dominated at its bytes): scale a plain card of another width. Groups
+        # of 32 with an fp16 scale and zero cost one bit per value on top of the width.
+        plain = [(int(k[3:]), p) for k, p in points.items() if k[3:].isdigit() and k.startswith("kv-")]
+        if not plain:
+            return None
+        width, ref = min(plain, key=lambda item: abs(item[0] - bits))
+        per_token = float(ref["bytes_per_token"]) * (bits + 1) / (width + 1)
+    return per_token * tokens * float(budget.get("keep", 1.0))
 
 
 async def _drive(spec: dict[str, Any]) -> list[dict[str, Any]]:

@@ -16,7 +16,9 @@ def test_predicted_bytes_come_from_the_table() -> None:
     assert predicted_wire_bytes("card-4", 1000, 4000, POINTS) == 7_000_000
     assert predicted_wire_bytes("evicted-4-0.5", 1000, 4000, POINTS) == 3_500_000
     assert predicted_wire_bytes("text", 1000, 4000, POINTS) == 4000
-    assert predicted_wire_bytes("card-2", 1000, 4000, POINTS) is None  # not in this table: never capped
+    # Not in this table: scaled from the nearest plain width (one bit per value of scales on top).
+    assert predicted_wire_bytes("card-2", 1000, 4000, POINTS) == pytest.approx(7_000_000 * 3 / 5)
+    assert predicted_wire_bytes("card-2", 1000, 4000, {}) is None  # nothing to scale: never capped
     assert predicted_wire_bytes("split-4", 1000, 4000, POINTS) is None
 
 
