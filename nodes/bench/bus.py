@@ -5,6 +5,9 @@ Rows (sender/server in a child process, receiver/client in this one, both sides 
 * ``card``        one ``card_mib`` MiB card: ``Bus.fetch_card`` (credit pull, chunk hashing, spooling,
                   end-to-end digest) vs raw PUSH/PULL of 1 MiB zero-copy messages. Target: bus >= 0.7x raw.
 * ``card-curve``  the same with CurveZMQ on both. Target: >= 0.7x raw CURVE.
+* ``card-floor``  not the bus: the least any receiver meeting the issue's contract does with the same raw
+                  stream (BLAKE3 of every message and a spool write, 2 threads), beside raw PUSH/PULL.
+                  Its ratio is the ceiling the ``card`` row can reach on this machine.
 * ``control``     1000 sequential small request/replies: ``Bus.request`` vs a raw zmq.asyncio
                   DEALER/ROUTER echo (both ends asyncio, as the bus's; before 2026-11-23 the raw server
                   was a blocking poll loop, which answers about 0.1 ms sooner here).
@@ -27,10 +30,12 @@ import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import blake3
 import zmq
 import zmq.asyncio
 
@@ -207,8 +212,52 @@ class _RawCard:
         _stop(self.proc, self.conn)
 
 
-async def _card_row(name: str, keydir: Path | None, card_mib: int, tmp: Path, repeats: int) -> dict[str, Any]:
-    bus, raw = _BusCard(keydir, card_mib, tmp), _RawCard(keydir, card_mib)
+class _FloorCard(_RawCard):
+    """The least a receiver must do with the same PUSH stream: hash every 1 MiB message (BLAKE3, as the
+    protocol) and write it to a spool file, in 2 worker threads; no framing, no flow control, no signing."""
+
+    def __init__(self, keydir: Path | None, card_mib: int, tmp: Path) -> None:
+        super().__init__(keydir, card_mib)
+        self.tmp, self.runs = tmp, 0
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.pool = ThreadPoolExecutor(2)
+
+    @staticmethod
+    def _spool(fd: int, frame: zmq.Frame, offset: int) -> None:
+        buf = frame.buffer
+        blake3.blake3(buf).digest()
+        os.pwrite(fd, buf, offset)
+
+    async def fetch(self) -> tuple[float, float]:  # type: ignore[override]
+        self.runs += 1
+        path = self.tmp / f"floor{self.runs}.part"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.conn.send("go")
+            cpu, start = time.process_time(), time.perf_counter()
+            got, jobs = 0, []
+            while got < self.size:
+                frame = self.sock.recv(copy=False)
+                jobs.append(self.pool.submit(self._spool, fd, frame, got))
+                got += len(frame.buffer)
+            for job in jobs:
+                job.result()
+            return time.perf_counter() - start, time.process_time() - cpu
+        finally:
+            os.close(fd)
+            path.unlink()
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        super().close()
+
+
+async def _card_row(
+    name: str, keydir: Path | None, card_mib: int, tmp: Path, repeats: int, *, floor: bool = False
+) -> dict[str, Any]:
+    bus: _BusCard | _FloorCard
+    bus = _FloorCard(keydir, card_mib, tmp) if floor else _BusCard(keydir, card_mib, tmp)
+    raw = _RawCard(keydir, card_mib)
     bus_runs: list[tuple[float, float]] = []
     raw_runs: list[tuple[float, float]] = []
     try:
@@ -232,7 +281,7 @@ async def _card_row(name: str, keydir: Path | None, card_mib: int, tmp: Path, re
         "raw_cpu_ms": statistics.median(c for _, c in raw_runs) * 1e3,
         "bus_gbps_runs": [size / t / 1e9 for t, _ in bus_runs],
         "raw_gbps_runs": [size / t / 1e9 for t, _ in raw_runs],
-        "target": ">= 0.7",
+        "target": "(ceiling)" if floor else ">= 0.7",
     }  # fmt: skip
 
 
@@ -311,6 +360,7 @@ async def _run(card_mib: int, repeats: int) -> list[dict[str, Any]]:
         _make_keys(keydir)
         for name, keys in (("card", None), ("card-curve", keydir)):
             rows.append(await _card_row(name, keys, card_mib, tmp / name, repeats))
+        rows.append(await _card_row("card-floor", None, card_mib, tmp / "floor", repeats, floor=True))
         rows.append(await _control_row(tmp, repeats))
     return rows
 
