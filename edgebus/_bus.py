@@ -77,9 +77,7 @@ CHUNKS_PER_SAMPLE: Final = 8
 #: in about 33 bytes of its own, and libzmq drops (for good) a connection whose wire frame exceeds the
 #: limit. The frame codec still enforces the exact payload limits.
 WIRE_SLACK_BYTES: Final = 4096
-#: Messages at least this large are sent zero-copy.
-ZERO_COPY_FROM: Final = 64 * 1024
-#: Worker threads that hash and spool received chunks (hashlib and pwrite release the GIL).
+#: Worker threads that hash and spool received chunks (BLAKE3 and pwrite release the GIL).
 SPOOL_WORKERS: Final = 2
 
 TOPIC_CONTROL: Final = b"ctl"
@@ -493,10 +491,8 @@ class Bus:
         if ident is not None:
             frames = [ident, *frames]
         try:
-            # Zero-copy pays for itself on chunks only: each zero-copy part costs a free-callback
-            # round trip through pyzmq's garbage-collector thread.
-            copy = sum(len(f) for f in frames) < ZERO_COPY_FROM
-            await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+            # pyzmq copies parts under its copy_threshold (64 KiB) anyway: only chunks go zero-copy.
+            await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self._counters.values["send_dropped"] += 1
             return False

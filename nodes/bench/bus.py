@@ -212,12 +212,12 @@ class _RawCard:
         _stop(self.proc, self.conn)
 
 
-class _FloorCard(_RawCard):
-    """The least a receiver must do with the same PUSH stream: hash every 1 MiB message (BLAKE3, as the
-    protocol) and write it to a spool file, in 2 worker threads; no framing, no flow control, no signing."""
+class _FloorCard:
+    """The least a receiver must do with a raw PUSH stream of the card: hash every 1 MiB message (BLAKE3,
+    as the protocol) and write it to a spool file, in 2 worker threads; no framing, flow control, signing."""
 
     def __init__(self, keydir: Path | None, card_mib: int, tmp: Path) -> None:
-        super().__init__(keydir, card_mib)
+        self.raw = _RawCard(keydir, card_mib)
         self.tmp, self.runs = tmp, 0
         tmp.mkdir(parents=True, exist_ok=True)
         self.pool = ThreadPoolExecutor(2)
@@ -228,16 +228,17 @@ class _FloorCard(_RawCard):
         blake3.blake3(buf).digest()
         os.pwrite(fd, buf, offset)
 
-    async def fetch(self) -> tuple[float, float]:  # type: ignore[override]
+    async def fetch(self) -> tuple[float, float]:
+        """(wall seconds, receiver CPU seconds) of one card, hashed and spooled."""
         self.runs += 1
         path = self.tmp / f"floor{self.runs}.part"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            self.conn.send("go")
+            self.raw.conn.send("go")
             cpu, start = time.process_time(), time.perf_counter()
             got, jobs = 0, []
-            while got < self.size:
-                frame = self.sock.recv(copy=False)
+            while got < self.raw.size:
+                frame = self.raw.sock.recv(copy=False)
                 jobs.append(self.pool.submit(self._spool, fd, frame, got))
                 got += len(frame.buffer)
             for job in jobs:
@@ -249,7 +250,7 @@ class _FloorCard(_RawCard):
 
     def close(self) -> None:
         self.pool.shutdown()
-        super().close()
+        self.raw.close()
 
 
 async def _card_row(

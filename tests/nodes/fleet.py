@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from edgebus import BusKeys
 from nodes.demo_processes import free_port_base, keys_section, write_node_config
 
-__all__ = ["client_keys", "free_port_base", "node_config"]
+__all__ = ["client_keys", "free_port_base", "node_config", "reader_sees"]
 
 FLEET = ("reader", "relay", "answerer", "client")
 QUESTION = "Who wrote the first program?"
@@ -47,3 +50,22 @@ def node_config(
 def client_keys(keys: Path) -> BusKeys:
     """The test client's keys from a fleet's key directory (``write_fleet_keys`` with a ``client``)."""
     return BusKeys.from_files(keys / "client.key_secret", keys / "allowed", keys / "hmac.key")
+
+
+async def reader_sees(
+    client: Any, wanted: Callable[[Mapping[str, Any]], bool], *, timeout_s: float = 30.0
+) -> None:
+    """Poll the reader's status until ``wanted(peers)`` holds (peers: node name -> its presence info).
+
+    The reader decides per receiver it sees and addresses a card to those: a read issued before a receiver's
+    first presence arrives leaves that receiver out.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = await client.request("reader", {"op": "status"}, timeout_s=10)
+        peers = {p["node"]: p["info"] for p in status["peers"]}
+        if wanted(peers):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the reader saw only {sorted(peers)} within {timeout_s} s")
+        await asyncio.sleep(0.1)

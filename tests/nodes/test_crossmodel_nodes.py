@@ -35,7 +35,7 @@ from qkv import (
     calibrate_pair,
     load_model,
 )
-from tests.nodes.fleet import DOCUMENT, QUESTION, client_keys, free_port_base, node_config
+from tests.nodes.fleet import DOCUMENT, QUESTION, client_keys, free_port_base, node_config, reader_sees
 from tests.qkv.test_crossmodel import SENTENCES, build_tiny_gemma_dir
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -64,6 +64,20 @@ def calibration_file(
 @pytest.fixture(scope="module")
 def calibration(calibration_file: Path) -> CrossModelCalibration:
     return CrossModelCalibration.load(calibration_file)
+
+
+async def start_nodes(
+    nodes: list[NodeProcess], keys: Path, ep: dict[str, str], configs: tuple[Path, ...]
+) -> tuple[list[NodeProcess], list[Target]]:
+    """Start one node per config (named as ``ep``'s keys, in order) into ``nodes``, wait until all are ready;
+    (the processes, client targets for them)."""
+    names = list(ep)
+    started = await asyncio.gather(
+        *(NodeProcess.start(n, cfg, env=ENV) for n, cfg in zip(names, configs, strict=True))
+    )
+    nodes.extend(started)
+    await asyncio.gather(*(n.ready() for n in started))
+    return started, [Target(endpoint=ep[n], server_key=load_public_key(keys / f"{n}.key")) for n in names]
 
 
 def gemma_peer(name: str, *, roles: tuple[str, ...] = ("answerer",), **info: Any) -> PeerInfo:
@@ -184,23 +198,12 @@ async def test_nodes_of_two_models_hand_off_through_a_calibration(
     )  # fmt: skip
     ask = {"op": "ask", "question": QUESTION, "wait_s": 60, "max_new_tokens": 6}
     async with node_group() as nodes:
-        started = await asyncio.gather(
-            *(
-                NodeProcess.start(name, cfg, env=ENV)
-                for name, cfg in zip(names, (reader_cfg, holds_cfg, lacks_cfg), strict=True)
-            )
-        )
-        nodes.extend(started)
-        await asyncio.gather(*(n.ready() for n in started))
-        targets = [Target(endpoint=ep[n], server_key=load_public_key(keys / f"{n}.key")) for n in names]
+        started, targets = await start_nodes(nodes, keys, ep, (reader_cfg, holds_cfg, lacks_cfg))
         async with connect(targets, keys=client_keys(keys)) as client:
             # The reader decides from presence: wait until it has seen both answerers' info.
-            for _ in range(100):
-                status = await client.request("reader", {"op": "status"}, timeout_s=10)
-                seen = {p["node"]: p["info"] for p in status["peers"]}
-                if all("calibrations" in seen.get(n, {}) for n in ("holds", "lacks")):
-                    break
-                await asyncio.sleep(0.2)
+            await reader_sees(
+                client, lambda seen: all("calibrations" in seen.get(n, {}) for n in ("holds", "lacks"))
+            )
             sent = await client.request("reader", {"op": "read", "text": DOCUMENT}, timeout_s=60)
             by_card = await client.request("holds", {**ask, "card": sent["cards"]["holds"]}, timeout_s=60)
             by_text = await client.request("lacks", {**ask, "card": sent["cards"]["lacks"]}, timeout_s=60)
@@ -266,21 +269,9 @@ async def test_a_translation_the_reader_cannot_make_falls_back_to_text(
         peers=[(ep["reader"], "reader")], answerer={"topics": "kv/", "persist": False, "max_new_tokens": 6},
     )  # fmt: skip
     async with node_group() as nodes:
-        started = await asyncio.gather(
-            *(
-                NodeProcess.start(n, cfg, env=ENV)
-                for n, cfg in zip(names, (reader_cfg, other_cfg), strict=True)
-            )
-        )
-        nodes.extend(started)
-        await asyncio.gather(*(n.ready() for n in started))
-        targets = [Target(endpoint=ep[n], server_key=load_public_key(keys / f"{n}.key")) for n in names]
+        _, targets = await start_nodes(nodes, keys, ep, (reader_cfg, other_cfg))
         async with connect(targets, keys=client_keys(keys)) as client:
-            for _ in range(100):
-                status = await client.request("reader", {"op": "status"}, timeout_s=10)
-                if any(p["node"] == "other" and "model" in p["info"] for p in status["peers"]):
-                    break
-                await asyncio.sleep(0.2)
+            await reader_sees(client, lambda seen: "model" in seen.get("other", {}))
             sent = await client.request("reader", {"op": "read", "text": DOCUMENT}, timeout_s=60)
             ask = {"op": "ask", "question": QUESTION, "wait_s": 60, "max_new_tokens": 6}
             answered = await client.request("other", {**ask, "card": sent["cards"]["other"]}, timeout_s=60)

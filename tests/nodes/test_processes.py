@@ -19,7 +19,7 @@ from nodes.roles_client import Target, connect
 from nodes.roles_relay import relay_card
 from qkv._budget import Budget
 from qkv._pipeline import answer_from_card, encode_context
-from tests.nodes.fleet import DOCUMENT, FLEET, QUESTION, client_keys, free_port_base, node_config
+from tests.nodes.fleet import DOCUMENT, FLEET, QUESTION, client_keys, free_port_base, node_config, reader_sees
 
 ENV = {"OMP_NUM_THREADS": "1"}
 RELAY_QUESTION = "What did Babbage design?"
@@ -123,13 +123,7 @@ async def test_relay_chain_and_restart(tiny_lm: Any, tiny_model_dir: Path, tmp_p
         targets = [_target(r_ready, keys, "reader"), _target(a_ready, keys, "answerer")]
         async with connect(targets, keys=client_keys(keys)) as client:
             assert client.nodes == ["answerer", "reader"]
-            # The reader addresses a card to the receivers it sees: wait until it sees both, or the relay
-            # (whose first presence can arrive after the read) is never sent one.
-            for _ in range(300):
-                status = await client.request("reader", {"op": "status"}, timeout_s=10)
-                if {"relay", "answerer"} <= {p["node"] for p in status["peers"]}:
-                    break
-                await asyncio.sleep(0.1)
+            await reader_sees(client, lambda peers: {"relay", "answerer"} <= peers.keys())
             sent = await client.request("reader", {"op": "read", "text": DOCUMENT}, timeout_s=60)
             direct = await client.request(
                 "answerer",
