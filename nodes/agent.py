@@ -76,6 +76,7 @@ from edgebus import (
 from ._errors import AskError
 from .config import AnswererConfig, NodeConfig, bus_config
 from .handoffs import HandoffBook, HeadResult, handoff_times, monotonic, sent_at
+from .heap import retain_heap
 
 if TYPE_CHECKING:
     from .reader_policy import Override, PlanChooser
@@ -1034,6 +1035,9 @@ async def _serve(config: NodeConfig, events: EventLog, notifier: Notifier) -> No
 
 def run_node(config: NodeConfig, *, events: bool = False) -> int:
     """Run a node until SIGTERM/SIGINT; returns the process exit code."""
+    # Before any thread starts: the arena setting only governs arenas made afterwards.
+    heap = retain_heap(config.heap_retain_mib)
+    log.info("heap: %s", heap.as_dict())
     with Notifier() as notifier:
         asyncio.run(_serve(config, EventLog(sys.stdout if events else None), notifier))
     return 0

@@ -29,6 +29,7 @@ from qkv import (
     prefill,
     prefill_head,
     read_card_info,
+    receive_card,
     split_head,
     tail_observation,
 )
@@ -100,6 +101,32 @@ def test_split_raw_card_answers_exactly_like_the_unsplit_card_and_the_text(tiny_
     assert alone.generation.token_ids == target
     assert alone.head_s > 0.0
     assert alone.ttft_s >= alone.decode_s + alone.head_s
+
+
+def test_a_received_split_card_keeps_one_copy_of_the_kv(tiny_lm, monkeypatch):
+    """The decoded tail is released once joined: an answer holds the joined KV only, not the tail too."""
+    import gc
+    import weakref
+
+    import qkv._pipeline as pipeline
+
+    decoded: list[weakref.ref[torch.Tensor]] = []
+    real_decode = pipeline.decode_card
+
+    def watched_decode(*args, **kwargs):
+        card = real_decode(*args, **kwargs)
+        decoded.extend(weakref.ref(t) for t in card.snapshot.keys + card.snapshot.values if t is not None)
+        return card
+
+    monkeypatch.setattr(pipeline, "decode_card", watched_decode)
+    split = encode_split(tiny_lm, CONTEXT, Budget(bits=4), head_tokens=HEAD)
+    assert split.head is not None
+    received = receive_card(tiny_lm, split.data, head=prefill_head(tiny_lm, split.head))
+    gc.collect()
+    assert received.card.snapshot is received.snapshot
+    assert received.snapshot.num_tokens == split.card_tokens + HEAD
+    assert decoded
+    assert all(ref() is None for ref in decoded)
 
 
 def test_split_fp16_card_answers_like_the_unsplit_fp16_card(tiny_lm):
