@@ -37,16 +37,14 @@ class HeapSettings:
 
     applied: bool
     retain_bytes: int = 0
-    mmap_threshold: int = 0
-    arenas: int = 0
     reason: str = ""
 
     def as_dict(self) -> dict[str, object]:
         return {
             "applied": self.applied,
             "retain_mib": self.retain_bytes // MIB,
-            "mmap_threshold_mib": self.mmap_threshold // MIB,
-            "arenas": self.arenas,
+            "mmap_threshold_mib": MAX_MMAP_THRESHOLD // MIB if self.applied else 0,
+            "arenas": 1 if self.applied else 0,
             "reason": self.reason,
         }
 
@@ -72,7 +70,7 @@ def retain_heap(retain_mib: int) -> HeapSettings:
     ):
         if mallopt(param, value) != 1:
             return HeapSettings(applied=False, reason=f"mallopt({param}, {value}) refused")
-    return HeapSettings(applied=True, retain_bytes=retain, mmap_threshold=MAX_MMAP_THRESHOLD, arenas=1)
+    return HeapSettings(applied=True, retain_bytes=retain)
 
 
 def _mallopt() -> ctypes._NamedFuncPointer | None:

@@ -475,18 +475,22 @@ def encode_split(
 class ReceivedCard:
     """A card made ready for the receiver's model: verified, decoded, joined with its head, translated.
 
-    ``snapshot`` is injected as it is; a translated one (here, or at the sender) holds this receiver's own
-    template head and the context, but not its template tail: :meth:`suffix_ids` adds it. ``card.snapshot``
-    is ``snapshot`` too: the decoded KV of a joined or translated card is not kept, so that an answer holds
-    one copy of the context's KV, not two (at 4K tokens of SmolLM2-135M, 189 MB each).
+    ``snapshot`` (the card's) is injected as it is; a translated one (here, or at the sender) holds this
+    receiver's own template head and the context, but not its template tail: :meth:`suffix_ids` adds it. The
+    card's snapshot is the KV to inject, not the one decoded: a joined or translated card's decoded KV is not
+    kept, so that an answer holds one copy of the context's KV, not two (at 4K tokens of SmolLM2-135M, 189 MB
+    each).
     """
 
     card: DecodedCard
-    snapshot: KVSnapshot
     calibration_id: str | None = None  # the calibration that translated the KV, here or at the sender
     decode_s: float = 0.0
     head_s: float = 0.0  # prefilling a head here (split card; template head of a translated card)
     translate_s: float = 0.0
+
+    @property
+    def snapshot(self) -> KVSnapshot:
+        return self.card.snapshot
 
     @property
     def translated(self) -> bool:
@@ -536,24 +540,22 @@ def receive_card(
         )
         return ReceivedCard(
             card=replace(card, snapshot=snapshot),
-            snapshot=snapshot,
             calibration_id=record.targets[0][1],
             decode_s=decode_s,
             head_s=time.perf_counter() - start,
         )
-    snapshot, head_s = card.snapshot, 0.0
+    head_s = 0.0
     expected = split_head(card)
     if expected is not None:
         start = time.perf_counter()
-        snapshot = attach_head(head if head is not None else prefill_head(lm, expected), snapshot, expected)
+        given = head if head is not None else prefill_head(lm, expected)
+        card = replace(card, snapshot=attach_head(given, card.snapshot, expected))
         head_s = time.perf_counter() - start
     elif head is not None:
         raise CardCompatError(
             "a head was given, but the card is not a split card: it holds the whole context"
         )
-    return ReceivedCard(
-        card=replace(card, snapshot=snapshot), snapshot=snapshot, decode_s=decode_s, head_s=head_s
-    )
+    return ReceivedCard(card=card, decode_s=decode_s, head_s=head_s)
 
 
 def calibration_for_card(
@@ -618,7 +620,6 @@ def _translate_here(
     )
     return ReceivedCard(
         card=replace(card, snapshot=snapshot),
-        snapshot=snapshot,
         calibration_id=calibration.id,
         decode_s=decode_s,
         head_s=time.perf_counter() - start,

@@ -266,8 +266,8 @@ def _requests(contexts: Sequence[BenchContext], config: HandoffBenchConfig) -> l
     ]
     budget = card_budget(config)
     card = {"representation": "card", "budget": budget}
-    # Warm-up at the full length, not measured: a fresh answerer's first one or two answers over a long
-    # cache ran 1.5-2.5x slower than its later ones (0.6-1.1 s vs 0.4 s to first token at 4K).
+    # Warm-up at the full length, not measured: a fresh answerer's first answer over a long cache maps and
+    # zero-fills the memory later answers reuse (nodes.heap), 0.6-1.1 s vs 0.4 s to first token at 4K.
     # Its own text (a card id is its content's digest: the measured read of the same text would be a
     # duplicate the answerer skips), of the same length.
     warm_text = ("(warm-up) " + warm.text)[: len(warm.text)]

@@ -87,7 +87,7 @@ def test_zero_leaves_the_defaults_and_negative_is_refused() -> None:
 
 
 def test_settings_report_what_was_applied() -> None:
-    settings = HeapSettings(applied=True, retain_bytes=512 << 20, mmap_threshold=32 << 20, arenas=1)
+    settings = HeapSettings(applied=True, retain_bytes=512 << 20)
     assert settings.as_dict() == {
         "applied": True,
         "retain_mib": 512,
