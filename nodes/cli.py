@@ -81,6 +81,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         offset=args.offset,
         out=args.out,
         group_size=args.group_size,
+        rotation=args.rotation,
+        fp16_sinks=args.fp16_sinks,
     )
     return 0
 
@@ -438,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--rows", type=int, default=None, help="calibration items")
     calib.add_argument("--offset", type=int, default=600, help="first row (benchmarks use 0..199)")
     calib.add_argument("--group-size", type=int, default=32)
+    calib.add_argument(
+        "--rotation",
+        choices=("none", "hadamard", "hadamard-prerope"),
+        default="none",
+        help="card coding the profile is for (see qkv._rotation)",
+    )
+    calib.add_argument("--fp16-sinks", type=int, default=0, help="leading tokens the cards keep in fp16")
     calib.add_argument("--out", type=Path, default=None, help="output file (default: the store's profiles/)")
     calib.set_defaults(handler=_calibrate)
 

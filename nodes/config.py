@@ -28,6 +28,8 @@ Schema (every section but ``[node]`` optional; a role's section may be left out 
     hmac = "keys/hmac.key"
 
     [reader]     topic, bits, keep, layers, facts, documents = [paths], doc_topics = "doc/"
+    rotation = "none"                     # fixed cards' coding: "hadamard-prerope" (v2 cards, 3-4x lower
+    fp16_sinks = 0                        #   KL at the same bytes) and 1 fp16 sink token; see qkv._rotation
     translate = ["cal/a--b.safetensors"]  # cross-model calibrations from this node's model to others
                                           #   (`edgebus calibrate --sender --receiver`): receivers of
                                           #   those models get translated cards; others of another model
@@ -64,6 +66,10 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from ._errors import ConfigFileError
+
+# qkv.ROTATIONS, repeated so that loading a config does not import torch (a test checks they agree).
+CardRotation = Literal["none", "hadamard", "hadamard-prerope"]
+CARD_ROTATIONS: Final = ("none", "hadamard", "hadamard-prerope")
 
 ROLES: Final = ("reader", "answerer", "relay")
 DEVICES: Final = ("auto", "cpu", "cuda")
@@ -123,6 +129,8 @@ class ReaderConfig:
     keep: float = 1.0
     layers: float = 1.0
     facts: bool = False
+    rotation: CardRotation = "none"
+    fp16_sinks: int = 0
     documents: tuple[Path, ...] = ()
     doc_topics: str | None = None
     policy: ReaderPolicyConfig = ReaderPolicyConfig()
@@ -387,12 +395,29 @@ def _reader(t: _Table, name: str) -> ReaderConfig:
         keep=t.fraction("keep", 1.0),
         layers=t.fraction("layers", 1.0),
         facts=t.get("facts", bool, False),
+        rotation=_rotation(t),
+        fp16_sinks=_fp16_sinks(t),
         documents=tuple(_paths(t, "documents")),
         doc_topics=t.topic("doc_topics", None),
         policy=_reader_policy(_Table(t.file, "reader.policy", t.get("policy", dict, {}))),
         translate=tuple(_paths(t, "translate")),
         translate_at=_translate_at(t),
     )
+
+
+def _rotation(t: _Table) -> CardRotation:
+    value: str = t.get("rotation", str, "none")
+    for known in CARD_ROTATIONS:
+        if value == known:
+            return known
+    raise t.error("rotation", f"must be one of {', '.join(CARD_ROTATIONS)}, got {value!r}")
+
+
+def _fp16_sinks(t: _Table) -> int:
+    value: int = t.get("fp16_sinks", int, 0)
+    if not 0 <= value <= 64:
+        raise t.error("fp16_sinks", f"must be in 0..64, got {value}")
+    return value
 
 
 def _translate_at(t: _Table) -> Literal["receiver", "sender"]:

@@ -96,7 +96,14 @@ def load_policy(config: ReaderPolicyConfig, model: str) -> tuple[RateQualityTabl
 
 
 def fixed_budget(reader: ReaderConfig) -> Budget:
-    return Budget(bits=reader.bits, keep=reader.keep, layers=reader.layers, facts=reader.facts)
+    return Budget(
+        bits=reader.bits,
+        keep=reader.keep,
+        layers=reader.layers,
+        facts=reader.facts,
+        rotation=reader.rotation,
+        fp16_sinks=reader.fp16_sinks,
+    )
 
 
 def budget_of(decision: Decision) -> Budget:

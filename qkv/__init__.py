@@ -101,12 +101,14 @@ from ._pipeline import (
     receive_card,
 )
 from ._prompt import PromptParts, PromptTemplate
+from ._rotation import ROTATIONS, Rotation
 from ._split import SplitHead, attach_head, prefill_head, split_head, tail_observation
 
 __all__ = [
     "CATALOGUE",
     "DEFAULT_MODEL",
     "RECEIVER_ONLY_ATTENTION",
+    "ROTATIONS",
     "Allocation",
     "Budget",
     "CalibrationError",
@@ -139,6 +141,7 @@ __all__ = [
     "PromptTemplate",
     "QkvError",
     "ReceivedCard",
+    "Rotation",
     "SensitivityProfile",
     "SplitHead",
     "StoreSpaceError",

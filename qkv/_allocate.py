@@ -42,6 +42,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from ._errors import CalibrationError
+from ._rotation import ROTATIONS, Rotation, check_rotation
 
 TENSORS = ("k", "v")
 DEFAULT_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 16)
@@ -276,9 +277,24 @@ class SensitivityProfile:
     table: tuple[Mapping[str, Mapping[int, float]], ...]
     created: str = field(default_factory=_utc_now)
     version: int = PROFILE_VERSION
+    # The card coding the table was measured under (see qkv._rotation, Budget.fp16_sinks): distortions of
+    # one coding do not predict another's. Written only when not the defaults, so older files stay valid.
+    rotation: Rotation = "none"
+    fp16_sinks: int = 0
+
+    def __post_init__(self) -> None:
+        check_rotation(self.rotation)
+        if not _is_int(self.fp16_sinks) or self.fp16_sinks < 0:
+            raise ValueError(f"fp16_sinks must be an int >= 0, got {self.fp16_sinks!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        coding: dict[str, Any] = {}
+        if self.rotation != "none":
+            coding["rotation"] = self.rotation
+        if self.fp16_sinks:
+            coding["fp16_sinks"] = self.fp16_sinks
         return {
+            **coding,
             "version": self.version,
             "fingerprint_digest": self.fingerprint_digest,
             "model_name": self.model_name,
@@ -315,7 +331,15 @@ class SensitivityProfile:
         raw_table = data.get("table")
         if not isinstance(raw_table, list) or not raw_table:
             raise _malformed("table must be a non-empty list")
+        rotation = data.get("rotation", "none")
+        if rotation not in ROTATIONS:
+            raise _malformed(f"rotation must be one of {', '.join(ROTATIONS)}")
+        fp16_sinks = data.get("fp16_sinks", 0)
+        if not _is_int(fp16_sinks) or not 0 <= fp16_sinks <= 1 << 20:
+            raise _malformed("fp16_sinks must be an int in 0..2**20")
         return cls(
+            rotation=rotation,
+            fp16_sinks=fp16_sinks,
             fingerprint_digest=digest,
             model_name=name,
             group_size=group_size,
@@ -366,8 +390,23 @@ class SensitivityProfile:
         profile.require(fingerprint_digest=fingerprint_digest, group_size=group_size)
         return profile
 
-    def require(self, *, fingerprint_digest: str | None = None, group_size: int | None = None) -> None:
-        """Raise :class:`CalibrationError` if this profile was made for another model or group size."""
+    def require(
+        self,
+        *,
+        fingerprint_digest: str | None = None,
+        group_size: int | None = None,
+        rotation: str | None = None,
+        fp16_sinks: int | None = None,
+    ) -> None:
+        """Raise :class:`CalibrationError` if this profile was made for another model or card coding."""
+        if rotation is not None and rotation != self.rotation:
+            raise CalibrationError(
+                f"sensitivity profile was measured with rotation {self.rotation!r}, not {rotation!r}"
+            )
+        if fp16_sinks is not None and fp16_sinks != self.fp16_sinks:
+            raise CalibrationError(
+                f"sensitivity profile was measured with {self.fp16_sinks} fp16 sink tokens, not {fp16_sinks}"
+            )
         if fingerprint_digest is not None and fingerprint_digest != self.fingerprint_digest:
             raise CalibrationError(
                 f"sensitivity profile is for model {self.fingerprint_digest} ({self.model_name}), "

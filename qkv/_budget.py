@@ -14,6 +14,13 @@ Meaning of the fields:
   last ``window`` tokens are always kept, and ``obf`` adds Orthogonal BackFill to the kept values.
 * ``layers``: fraction of layers sent (1.0 = all).
 * ``facts``: attach a short text of keyphrases and regex facts to the card.
+* ``rotation``: the orthogonal transform quantized K and V are coded in (:mod:`qkv._rotation`; not ``"none"``
+  makes a v2 card). ``fp16_sinks``: the first that many tokens (by position: attention sinks) are stored in
+  fp16 outside the quantization groups. An adaptive budget's ``bits`` then pays for them: the rest of the
+  tokens get what remains.
+
+``to_dict`` leaves out ``rotation`` and ``fp16_sinks`` at their defaults, so a card made without them records
+the same budget keys as before they existed (older readers refuse unknown budget keys).
 
 ``from_dict`` reads what came inside a card, so it raises :class:`~qkv._errors.CardFormatError` (a
 ``ValueError``) naming the offending key; the constructor raises plain ``ValueError``.
@@ -26,6 +33,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ._errors import CardFormatError
+from ._rotation import Rotation, check_rotation
 
 #: Code widths a uniform (non-adaptive) budget may name.
 UNIFORM_WIDTHS = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 16, 32})
@@ -46,8 +54,11 @@ class Budget:
     sinks: int = 4
     window: int = 32
     obf_rank: int = 4
+    rotation: Rotation = "none"
+    fp16_sinks: int = 0
 
     def __post_init__(self) -> None:
+        check_rotation(self.rotation)
         for name in ("facts", "token_mixed", "obf", "adaptive"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"budget {name} must be a bool, got {getattr(self, name)!r}")
@@ -55,7 +66,7 @@ class Budget:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"budget {name} must be a finite number, got {value!r}")
-        for name in ("group_size", "sinks", "window", "obf_rank"):
+        for name in ("group_size", "sinks", "window", "obf_rank", "fp16_sinks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"budget {name} must be an int, got {value!r}")
@@ -65,8 +76,8 @@ class Budget:
             raise ValueError(f"budget layers must be in (0, 1], got {self.layers}")
         if not 1 <= self.group_size <= 4096:
             raise ValueError(f"budget group_size must be in 1..4096, got {self.group_size}")
-        if self.sinks < 0 or self.window < 0:
-            raise ValueError("budget sinks and window must be >= 0")
+        if self.sinks < 0 or self.window < 0 or self.fp16_sinks < 0:
+            raise ValueError("budget sinks, window and fp16_sinks must be >= 0")
         if self.obf_rank < 1:
             raise ValueError(f"budget obf_rank must be >= 1, got {self.obf_rank}")
         if self.adaptive or self.token_mixed:
@@ -89,6 +100,9 @@ class Budget:
         data["bits"] = float(self.bits)
         data["keep"] = float(self.keep)
         data["layers"] = float(self.layers)
+        for name, default in (("rotation", "none"), ("fp16_sinks", 0)):
+            if data[name] == default:
+                del data[name]
         return data
 
     @classmethod

@@ -44,6 +44,8 @@ from ._hf import answer_logprobs, prefill
 from ._kv import KVSnapshot
 from ._modelstore import LoadedModel, models_dir
 from ._quant import KEY_AXIS, MAX_QUANT_BITS, VALUE_AXIS, dequantize_into, quantize
+from ._rope import RopeTable
+from ._rotation import Rotation, check_rotation, from_code_space, rope_table_for, to_code_space
 
 #: Profiles that ship with the package (one JSON file per model and group size).
 SHIPPED_PROFILES = Path(__file__).resolve().parent / "profiles"
@@ -62,24 +64,51 @@ def profiles_dir(home: Path | str | None = None) -> Path:
     return models_dir(home).parent / "profiles"
 
 
-def profile_filename(model_name: str, group_size: int) -> str:
-    """The conventional file name of a profile: ``<model-name>-g<group_size>.json``."""
-    return f"{model_name}-g{group_size}.json"
+def profile_filename(model_name: str, group_size: int, rotation: str = "none", fp16_sinks: int = 0) -> str:
+    """Conventional profile file name: ``<model-name>-g<group_size>[-<rotation>][-s<sinks>].json``."""
+    coding = ("" if rotation == "none" else f"-{rotation}") + (f"-s{fp16_sinks}" if fp16_sinks else "")
+    return f"{model_name}-g{group_size}{coding}.json"
 
 
-def card_roundtrip(tensor: torch.Tensor, width: int, *, kind: str, group_size: int) -> torch.Tensor:
-    """``tensor`` (``[heads, tokens, head_dim]``) as a card at ``width`` would give it back, same dtype."""
+def card_roundtrip(
+    tensor: torch.Tensor,
+    width: int,
+    *,
+    kind: str,
+    group_size: int,
+    rotation: Rotation = "none",
+    fp16_sinks: int = 0,
+    positions: torch.Tensor | None = None,
+    rope: RopeTable | None = None,
+) -> torch.Tensor:
+    """``tensor`` (``[heads, tokens, head_dim]``) as a card at ``width`` would give it back, same dtype.
+
+    ``positions`` (ascending, default ``0..tokens-1``) place the tokens for ``fp16_sinks`` (tokens at
+    positions below it are fp16, outside the groups) and for a pre-RoPE ``rotation`` (which needs ``rope``).
+    """
     if kind not in _AXES:
         raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
+    check_rotation(rotation)
     if width == RAW_WIDTH:
         return tensor
     if width == FP16_WIDTH:
         return tensor.to(torch.float16).to(tensor.dtype)
+    tokens = tensor.shape[-2]
+    if positions is None:
+        positions = torch.arange(tokens, dtype=torch.int64)
+    sinks = int((positions < fp16_sinks).sum())
+    rest = tensor[..., sinks:, :]
+    if rest.shape[-2] == 0:
+        return tensor.to(torch.float16).to(tensor.dtype)
     axis = _AXES[kind]
-    batch = quantize([tensor], bits=width, group_size=group_size, axis=axis)
-    out = torch.empty_like(tensor)
+    rest_positions = positions[sinks:]
+    coded = to_code_space(rest, kind=kind, rotation=rotation, positions=rest_positions, rope=rope)
+    batch = quantize([coded], bits=width, group_size=group_size, axis=axis)
+    out = torch.empty_like(coded)
     dequantize_into(out, batch.codes[0], batch.scales[0], batch.zeros[0], group_size=group_size, axis=axis)
-    return out
+    out = from_code_space(out, kind=kind, rotation=rotation, positions=rest_positions, rope=rope)
+    head = tensor[..., :sinks, :].to(torch.float16).to(tensor.dtype)
+    return torch.cat([head, out.to(tensor.dtype)], dim=-2)
 
 
 def _mean_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -165,6 +194,8 @@ def profile_sensitivity(
     progress: bool = True,
     sparse_widths: Collection[int] = (),
     sparse_items: int = 4,
+    rotation: Rotation = "none",
+    fp16_sinks: int = 0,
 ) -> SensitivityProfile:
     """Measure the distortion table of ``lm`` on ``texts`` (see the module docstring for the metric).
 
@@ -173,7 +204,13 @@ def profile_sensitivity(
     to measure); their cells are means over those items. Cost: one prefill and one reference forward per
     item, then one batched forward per layer holding ``2 * widths`` variants (width 32 needs none). Raises
     ``ValueError`` for no items, an answer without tokens, a width outside 1..8, 16, 32, or bad counts.
+    ``rotation`` and ``fp16_sinks`` code each variant as a card with those settings does (the profile
+    records them; an adaptive budget uses only a profile of its own coding).
     """
+    check_rotation(rotation, head_dim=lm.fingerprint.head_dim)
+    if isinstance(fp16_sinks, bool) or not isinstance(fp16_sinks, int) or fp16_sinks < 0:
+        raise ValueError(f"fp16_sinks must be an int >= 0, got {fp16_sinks!r}")
+    rope = rope_table_for(lm.fingerprint) if rotation == "hadamard-prerope" else None
     chosen = _check_widths(widths)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
@@ -207,9 +244,17 @@ def profile_sensitivity(
                         raise RuntimeError(f"prefill returned no {kind} for layer {layer}")
                     for width in measured:
                         cells.append((kind, width))
-                        variants.append(
-                            (layer, kind, card_roundtrip(source, width, kind=kind, group_size=group_size))
+                        coded = card_roundtrip(
+                            source,
+                            width,
+                            kind=kind,
+                            group_size=group_size,
+                            rotation=rotation,
+                            fp16_sinks=fp16_sinks,
+                            positions=snapshot.positions,
+                            rope=rope,
                         )
+                        variants.append((layer, kind, coded))
                 if not variants:
                     continue
                 scored = _variant_logprobs(lm, snapshot, variants, parts.suffix_ids, target)
@@ -229,6 +274,8 @@ def profile_sensitivity(
         group_size=group_size,
         widths=chosen,
         table=table,
+        rotation=rotation,
+        fp16_sinks=fp16_sinks,
     )
 
 
@@ -263,7 +310,7 @@ def allocation_distortion(profile: SensitivityProfile, allocation: Allocation) -
 def _candidates(directory: Path, group_size: int) -> list[Path]:
     if not directory.is_dir():
         return []
-    return sorted(directory.glob(f"*-g{group_size}.json"))
+    return sorted({*directory.glob(f"*-g{group_size}.json"), *directory.glob(f"*-g{group_size}-*.json")})
 
 
 def default_profile(
@@ -272,6 +319,8 @@ def default_profile(
     *,
     home: Path | str | None = None,
     search: Sequence[Path] | None = None,
+    rotation: str = "none",
+    fp16_sinks: int = 0,
 ) -> SensitivityProfile | None:
     """The stored profile for ``lm``'s fingerprint at ``group_size``, or ``None`` when there is none.
 
@@ -281,13 +330,18 @@ def default_profile(
     naming it: a broken profile should be fixed or removed, not silently bypassed.
     """
     directories = [profiles_dir(home), SHIPPED_PROFILES] if search is None else list(search)
-    conventional = profile_filename(lm.name, group_size)
+    conventional = profile_filename(lm.name, group_size, rotation, fp16_sinks)
     digest = lm.fingerprint.digest
     for directory in directories:
         paths = _candidates(directory, group_size)
         paths.sort(key=lambda path: path.name != conventional)  # stable: the conventional name first
         for path in paths:
             profile = SensitivityProfile.load(path)
-            if profile.fingerprint_digest == digest and profile.group_size == group_size:
+            if (
+                profile.fingerprint_digest == digest
+                and profile.group_size == group_size
+                and profile.rotation == rotation
+                and profile.fp16_sinks == fp16_sinks
+            ):
                 return profile
     return None

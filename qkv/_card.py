@@ -1,4 +1,4 @@
-"""CacheCard v1: a self-describing binary holding one sequence's compressed KV cache.
+"""CacheCard v1/v2: a self-describing binary holding one sequence's compressed KV cache.
 
 Pure codec: bytes in, bytes out, no sockets, no files. :func:`encode_card` turns a :class:`KVSnapshot` and an
 :class:`EncodingPlan` into bytes; :func:`decode_card` turns bytes back into a snapshot; :func:`read_card_info`
@@ -10,7 +10,7 @@ Byte layout (all integers little-endian)::
 
     offset  size  field
     0       4     magic  b"QKVC"
-    4       1     major version (1)
+    4       1     major version (1; 2 when the quantized blocks are rotated, see below)
     5       1     minor version (0)
     6       2     header_len: bytes before the metadata (52 in v1.0; a later minor may append fields)
     8       4     meta_len: bytes of msgpack metadata
@@ -34,6 +34,8 @@ The metadata map (v1.0 keys; unknown keys are ignored)::
     blocks                  list of blocks, see below
     sender, created, facts  str, float (unix time), str
     budget, extra           maps with str keys: what budget was applied, and anything else
+    rotation                v2 only (required): "hadamard" or "hadamard-prerope", the orthogonal transform
+                            the quantized blocks were coded in (qkv._rotation); the reader undoes it
 
 A *block* holds the tokens of one class, for one of K ("k") or V ("v"), for several layers coded with one
 width: ``{kind, class, bits, layers: [ascending layer indices], ...sections}``. Its logical tensor is
@@ -62,7 +64,8 @@ Versioning rule: a reader rejects a major version it does not know (``CardFormat
 minor version of its major as if it were the minor it knows: a later minor may only *add* things an older
 reader can skip (metadata keys, header fields after byte 52 via header_len, payload sections referenced only
 from new keys). Anything that changes the meaning of existing fields (a new width, packing or grouping)
-needs a new major version. Writers write 1.0.
+needs a new major version: rotated codes are one, so a rotated card is 2.0 (v1 plus the ``rotation`` key);
+every other card is written as 1.0.
 """
 
 from __future__ import annotations
@@ -85,12 +88,23 @@ from ._bitpack import pack_codes, packed_size, unpack_codes
 from ._errors import CardDigestError, CardFormatError
 from ._kv import KVSnapshot, ModelFingerprint
 from ._quant import KEY_AXIS, VALUE_AXIS, dequantize_into, quantize, stats_shape
+from ._rope import RopeTable
+from ._rotation import (
+    ROTATIONS,
+    Rotation,
+    check_rotation,
+    from_code_space_into,
+    rope_table_for,
+    to_code_space,
+)
 
 if sys.byteorder != "little":  # raw tensor bytes are written in host order; every target we run on is LE
     raise ImportError("the CacheCard codec needs a little-endian host")
 
 MAGIC = b"QKVC"
-VERSION_MAJOR = 1
+VERSION_MAJOR = 1  # cards without a rotation
+ROTATED_VERSION_MAJOR = 2  # cards whose quantized blocks are coded in a rotated space (metadata "rotation")
+READ_MAJORS = (VERSION_MAJOR, ROTATED_VERSION_MAJOR)
 VERSION_MINOR = 0
 _HEADER = struct.Struct("<4sBBHIQ32s")
 HEADER_SIZE = 52
@@ -169,7 +183,8 @@ class EncodingPlan:
     ``class_value_bits[l][c]``; ``key_bits``/``value_bits`` then only say whether a layer is sent (0 or
     not) and must agree with the class rows (a row is all zero exactly when the layer's width is 0).
     Quantization groups never mix classes: each class's tokens are grouped among themselves, in token
-    order. Compares by identity (it may hold a tensor).
+    order. ``rotation`` (see :mod:`qkv._rotation`) is the transform quantized blocks are coded in; fp16 and
+    raw blocks are never transformed. Compares by identity (it may hold a tensor).
     """
 
     key_bits: tuple[int, ...]
@@ -178,8 +193,10 @@ class EncodingPlan:
     token_classes: torch.Tensor | None = None
     class_key_bits: tuple[tuple[int, ...], ...] | None = None
     class_value_bits: tuple[tuple[int, ...], ...] | None = None
+    rotation: Rotation = "none"
 
     def __post_init__(self) -> None:
+        check_rotation(self.rotation)
         key_bits = _width_row(self.key_bits, "key_bits")
         value_bits = _width_row(self.value_bits, "value_bits")
         object.__setattr__(self, "key_bits", key_bits)
@@ -252,9 +269,15 @@ class EncodingPlan:
         group_size: int = 32,
         recent_fp16: int = 0,
         num_tokens: int | None = None,
+        rotation: Rotation = "none",
     ) -> EncodingPlan:
         """Every layer's K and V at ``bits``; with ``recent_fp16 = N`` the last N tokens stay fp16."""
-        plan = cls(key_bits=(bits,) * num_layers, value_bits=(bits,) * num_layers, group_size=group_size)
+        plan = cls(
+            key_bits=(bits,) * num_layers,
+            value_bits=(bits,) * num_layers,
+            group_size=group_size,
+            rotation=rotation,
+        )
         if recent_fp16:
             if num_tokens is None:
                 raise ValueError("recent_fp16 needs num_tokens")
@@ -269,6 +292,7 @@ class EncodingPlan:
         class_key_bits: Sequence[Sequence[int]],
         class_value_bits: Sequence[Sequence[int]],
         group_size: int = 32,
+        rotation: Rotation = "none",
     ) -> EncodingPlan:
         """A token-class plan; ``key_bits``/``value_bits`` are derived (a layer's largest class width)."""
         key_rows = tuple(tuple(row) for row in class_key_bits)
@@ -280,13 +304,28 @@ class EncodingPlan:
             token_classes=token_classes,
             class_key_bits=key_rows,
             class_value_bits=value_rows,
+            rotation=rotation,
         )
 
     def with_recent_fp16(self, recent: int, num_tokens: int) -> EncodingPlan:
         """This plan with the last ``recent`` tokens moved into a new class coded fp16 in every layer."""
         if not _is_int(recent) or recent < 0 or not _is_int(num_tokens) or num_tokens < 0:
             raise ValueError("recent and num_tokens must be non-negative ints")
-        if recent == 0:
+        mask = torch.zeros(num_tokens, dtype=torch.bool)
+        mask[max(0, num_tokens - recent) :] = True
+        return self.with_fp16_tokens(mask)
+
+    def with_fp16_tokens(self, mask: torch.Tensor) -> EncodingPlan:
+        """This plan with the tokens where ``mask`` (bool ``[tokens]``) is true in a new fp16 class.
+
+        Used for the last tokens (``with_recent_fp16``) and for attention sinks, whose outlying K and V would
+        otherwise widen the range of every quantization group they fall in. A layer coded wider than fp16
+        (raw) keeps its width for them too.
+        """
+        if mask.dtype != torch.bool or mask.dim() != 1:
+            raise ValueError("mask must be a 1-D bool tensor, one entry per token")
+        num_tokens = int(mask.numel())
+        if not bool(mask.any()):
             return self
         if self.token_classes is not None and self.token_classes.numel() != num_tokens:
             raise ValueError(f"token_classes has {self.token_classes.numel()} tokens, not {num_tokens}")
@@ -295,12 +334,13 @@ class EncodingPlan:
             classes = torch.zeros(num_tokens, dtype=torch.uint8)
         else:
             classes = self.token_classes.detach().to("cpu", copy=True)
-        classes[max(0, num_tokens - recent) :] = new_class
+        classes[mask.detach().to("cpu")] = new_class
         return EncodingPlan.mixed(
             token_classes=classes,
-            class_key_bits=[(*row, FP16_BITS if any(row) else 0) for row in self.widths("k")],
-            class_value_bits=[(*row, FP16_BITS if any(row) else 0) for row in self.widths("v")],
+            class_key_bits=[(*row, max(FP16_BITS, *row) if any(row) else 0) for row in self.widths("k")],
+            class_value_bits=[(*row, max(FP16_BITS, *row) if any(row) else 0) for row in self.widths("v")],
             group_size=self.group_size,
+            rotation=self.rotation,
         )
 
     def class_counts(self, num_tokens: int) -> tuple[int, ...]:
@@ -389,6 +429,7 @@ class CardInfo:
     payload_bytes: int
     fp16_bytes: int  # what the K/V in this card take in fp16
     meta: CardMeta
+    rotation: Rotation = "none"  # transform of the quantized blocks (v2 cards); "none" in v1
 
     @property
     def ratio(self) -> float:
@@ -558,10 +599,18 @@ def _encode_block(
     layers: list[int],
     parts: list[torch.Tensor],
     group_size: int,
+    rotation: Rotation,
+    positions: torch.Tensor,
+    rope: RopeTable | None,
 ) -> dict[str, Any]:
     block: dict[str, Any] = {"kind": kind, "class": cls, "bits": bits, "layers": layers}
     where = f"{'keys' if kind == 'k' else 'values'} of layers {layers} (class {cls}, {bits} bits)"
     if bits in QUANT_BITS:
+        if rotation != "none":
+            parts = [
+                to_code_space(part, kind=kind, rotation=rotation, positions=positions, rope=rope)
+                for part in parts
+            ]
         try:
             batch = quantize(parts, bits=bits, group_size=group_size, axis=_AXES[kind])
         except ValueError as exc:
@@ -600,6 +649,9 @@ def encode_card(snapshot: KVSnapshot, plan: EncodingPlan, *, meta: CardMeta | No
         raise ValueError("positions must lie in 0..2**62")
     classes_cpu = None if plan.token_classes is None else plan.token_classes.detach().to("cpu")
     selections = _selections(classes_cpu, plan.num_classes, tokens, device)
+    check_rotation(plan.rotation, head_dim=snapshot.fingerprint.head_dim)
+    rope = rope_table_for(snapshot.fingerprint) if plan.rotation == "hadamard-prerope" else None
+    token_positions = snapshot.positions.detach().to(device, torch.int64).view(-1, 1)
 
     writer = _PayloadWriter()
     classes_section = None if classes_cpu is None else writer.add(classes_cpu)
@@ -626,6 +678,9 @@ def encode_card(snapshot: KVSnapshot, plan: EncodingPlan, *, meta: CardMeta | No
                         layers=[layer for layer, _ in layer_tensors],
                         parts=[selection.take(tensor) for _, tensor in layer_tensors],
                         group_size=plan.group_size,
+                        rotation=plan.rotation,
+                        positions=selection.take(token_positions).view(-1),
+                        rope=rope,
                     )
                 )
     metadata: dict[str, Any] = {
@@ -643,19 +698,23 @@ def encode_card(snapshot: KVSnapshot, plan: EncodingPlan, *, meta: CardMeta | No
         "budget": meta.budget,
         "extra": meta.extra,
     }
+    major = VERSION_MAJOR
+    if plan.rotation != "none":
+        metadata["rotation"] = plan.rotation
+        major = ROTATED_VERSION_MAJOR  # a v1 reader would decode these codes without undoing the rotation
     try:
         meta_bytes = msgpack.packb(metadata, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"card metadata (budget/extra) is not msgpack-serialisable: {exc}") from exc
     if len(meta_bytes) > MAX_METADATA_BYTES:
         raise ValueError(f"card metadata is {len(meta_bytes)} bytes, the limit is {MAX_METADATA_BYTES}")
-    prefix = _HEADER.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, HEADER_SIZE, len(meta_bytes), writer.size, b"")
+    prefix = _HEADER.pack(MAGIC, major, VERSION_MINOR, HEADER_SIZE, len(meta_bytes), writer.size, b"")
     digest = hashlib.sha256(prefix[:_DIGEST_START])
     digest.update(meta_bytes)
     for piece in writer.pieces:
         digest.update(piece)
     header = _HEADER.pack(
-        MAGIC, VERSION_MAJOR, VERSION_MINOR, HEADER_SIZE, len(meta_bytes), writer.size, digest.digest()
+        MAGIC, major, VERSION_MINOR, HEADER_SIZE, len(meta_bytes), writer.size, digest.digest()
     )
     return b"".join([header, meta_bytes, *writer.pieces])
 
@@ -869,9 +928,10 @@ def _parse(data: bytes | bytearray | memoryview, *, verify: bool) -> _ParsedCard
     magic, major, minor, header_len, meta_len, payload_len, digest = _HEADER.unpack_from(view)
     if magic != MAGIC:
         raise CardFormatError(f"not a CacheCard: magic {magic!r}, expected {MAGIC!r}")
-    if major != VERSION_MAJOR:
+    if major not in READ_MAJORS:
         raise CardFormatError(
-            f"unsupported CacheCard version {major}.{minor}: this reader reads {VERSION_MAJOR}.x"
+            f"unsupported CacheCard version {major}.{minor}: this reader reads "
+            + " and ".join(f"{known}.x" for known in READ_MAJORS)
         )
     if not HEADER_SIZE <= header_len <= MAX_HEADER_SIZE:
         raise CardFormatError(f"card header_len {header_len} is outside {HEADER_SIZE}..{MAX_HEADER_SIZE}")
@@ -892,6 +952,18 @@ def _parse(data: bytes | bytearray | memoryview, *, verify: bool) -> _ParsedCard
 
     fingerprint = _parse_fingerprint(_field(metadata, "fingerprint"))
     heads, dim, num_layers = fingerprint.num_kv_heads, fingerprint.head_dim, fingerprint.num_layers
+    rotation: Rotation = "none"
+    if major == ROTATED_VERSION_MAJOR:
+        value = _field(metadata, "rotation")
+        if value == "none" or value not in ROTATIONS:
+            raise CardFormatError(
+                f"card metadata: rotation of a v{major} card must be one of "
+                f"{', '.join(r for r in ROTATIONS if r != 'none')}, got {_short(value)}"
+            )
+        try:
+            rotation = check_rotation(value, head_dim=dim)
+        except ValueError as exc:
+            raise CardFormatError(f"card metadata: {exc}") from exc
     tokens = _as_int(_field(metadata, "tokens"), "tokens", 1, MAX_TOKENS)
     runs = _parse_runs(_field(metadata, "positions"), tokens)
     template_prefix = _as_int(_field(metadata, "template_prefix_tokens"), "template_prefix_tokens", 0, tokens)
@@ -976,6 +1048,7 @@ def _parse(data: bytes | bytearray | memoryview, *, verify: bool) -> _ParsedCard
         payload_bytes=payload_len,
         fp16_bytes=fp16_bytes,
         meta=meta,
+        rotation=rotation,
     )
     return _ParsedCard(info=info, blocks=blocks, runs=runs, classes=classes, payload=payload)
 
@@ -1018,6 +1091,9 @@ def _decode_payload(parsed: _ParsedCard, device: torch.device, dtype: torch.dtyp
     if device.type != "cpu":
         buffer = buffer.to(device)
     selections = _selections(classes, info.num_classes, tokens, device)
+    positions = _positions_tensor(parsed.runs, tokens).to(device)
+    rope = rope_table_for(fingerprint) if info.rotation == "hadamard-prerope" else None
+    cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per class, for pre-RoPE keys
 
     # One allocation per kind, handed out as per-layer views: many separately kept allocations of this size
     # each fault their pages in anew (measured 5x slower than writing into one block).
@@ -1058,9 +1134,30 @@ def _decode_payload(parsed: _ParsedCard, device: torch.device, dtype: torch.dtyp
                     if region is not None
                     else torch.empty((*out.shape[:-2], selection.count, dim), dtype=dtype, device=device)
                 )
-                dequantize_into(
-                    work, codes[part], scales[part], zeros[part], group_size=info.group_size, axis=axis
-                )
+                if info.rotation == "none":
+                    dequantize_into(
+                        work, codes[part], scales[part], zeros[part], group_size=info.group_size, axis=axis
+                    )
+                else:
+                    if rope is not None and block.kind == "k" and block.cls not in cos_sin:
+                        cos_sin[block.cls] = rope.cos_sin(selection.take(positions.view(-1, 1)).view(-1))
+                    # Layer by layer through two reused float32 buffers (see from_code_space_into).
+                    coded = torch.empty((1, *work.shape[1:]), dtype=torch.float32, device=device)
+                    mixed = torch.empty_like(coded)
+                    first = number * per_target
+                    for layer in range(work.shape[0]):
+                        at = slice(first + layer, first + layer + 1)
+                        dequantize_into(
+                            coded, codes[at], scales[at], zeros[at], group_size=info.group_size, axis=axis
+                        )
+                        from_code_space_into(
+                            work[layer : layer + 1],
+                            coded,
+                            kind=block.kind,
+                            rotation=info.rotation,
+                            cos_sin=cos_sin.get(block.cls),
+                            scratch=mixed,
+                        )
                 if region is None:
                     selection.put(out, work)
         else:
@@ -1073,7 +1170,7 @@ def _decode_payload(parsed: _ParsedCard, device: torch.device, dtype: torch.dtyp
     return KVSnapshot(
         keys=tuple(stacked["k"][slot["k"][layer]] if layer in slot["k"] else None for layer in layers),
         values=tuple(stacked["v"][slot["v"][layer]] if layer in slot["v"] else None for layer in layers),
-        positions=_positions_tensor(parsed.runs, tokens).to(device),
+        positions=positions,
         fingerprint=fingerprint,
         template_prefix_tokens=info.template_prefix_tokens,
     )

@@ -55,6 +55,7 @@ from ._split import SPLIT_HEAD_KEY, SplitHead, attach_head, prefill_head, split_
 
 #: Shares of tokens in the importance classes used by token-level mixed precision (most important first).
 TOKEN_CLASS_SHARES = (0.1, 0.3, 0.6)
+FP16_SINK_BITS = 16.0  # what an fp16 sink token costs per value (no scales)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,27 +106,41 @@ class CardAnswer:
 
 
 def _layer_widths(
-    lm: LoadedModel, budget: Budget, num_layers: int, sent: Sequence[int], profile: SensitivityProfile | None
+    lm: LoadedModel,
+    budget: Budget,
+    num_layers: int,
+    sent: Sequence[int],
+    profile: SensitivityProfile | None,
+    *,
+    sink_share: float = 0.0,
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Per-layer key and value widths; layers not sent get width 0.
 
-    An adaptive budget without an explicit profile uses the one calibrated for this model, if any.
+    An adaptive budget without an explicit profile uses the one calibrated for this model and card coding,
+    if any. ``sink_share`` is the fraction of tokens stored fp16 as sinks: an adaptive budget pays their 16
+    bits per value and spends what remains on the rest.
     """
     if not budget.adaptive:
         width = int(budget.bits)
         keys = tuple(width if i in sent else 0 for i in range(num_layers))
         return keys, keys
     if profile is None:
-        profile = default_profile(lm, budget.group_size)
+        profile = default_profile(
+            lm, budget.group_size, rotation=budget.rotation, fp16_sinks=budget.fp16_sinks
+        )
     if profile is None:
+        coding = ""
+        if budget.rotation != "none" or budget.fp16_sinks:
+            coding = f" --rotation {budget.rotation} --fp16-sinks {budget.fp16_sinks}"
         raise CalibrationError(
-            "an adaptive budget needs a sensitivity profile: run `edgebus calibrate --model NAME --data FILE`"
+            "an adaptive budget needs a sensitivity profile: run "
+            f"`edgebus calibrate --model NAME --data FILE --group-size {budget.group_size}{coding}`"
         )
-    if profile.group_size != budget.group_size:
-        raise CalibrationError(
-            f"profile was measured at group size {profile.group_size}, budget asks for {budget.group_size}"
-        )
-    allocation = profile.allocate(budget.bits, layers=list(sent))
+    profile.require(group_size=budget.group_size, rotation=budget.rotation, fp16_sinks=budget.fp16_sinks)
+    bits = budget.bits
+    if 0.0 < sink_share < 1.0:
+        bits = (budget.bits - FP16_SINK_BITS * sink_share) / (1.0 - sink_share)
+    allocation = profile.allocate(bits, layers=list(sent))
     key_bits = tuple(int(w) if w is not None else 0 for w in allocation.key_bits)
     value_bits = tuple(int(w) if w is not None else 0 for w in allocation.value_bits)
     return key_bits, value_bits
@@ -266,10 +281,14 @@ def encode_observation(
             values=tuple(v if i in keep_layer else None for i, v in enumerate(snapshot.values)),
         )
 
+    sinks = snapshot.positions < budget.fp16_sinks
+    sink_count = int(sinks.sum())
     if budget.token_mixed and not budget.adaptive:
         key_bits = value_bits = _token_mixed_widths(budget, num_layers, sent)
     else:
-        key_bits, value_bits = _layer_widths(lm, budget, num_layers, sent, profile)
+        key_bits, value_bits = _layer_widths(
+            lm, budget, num_layers, sent, profile, sink_share=sink_count / snapshot.num_tokens
+        )
 
     classes: torch.Tensor | None = None
     class_key_bits = class_value_bits = None
@@ -287,7 +306,8 @@ def encode_observation(
         token_classes=classes,
         class_key_bits=class_key_bits,
         class_value_bits=class_value_bits,
-    )
+        rotation=budget.rotation,
+    ).with_fp16_tokens(sinks.cpu())
     meta = _card_meta(
         budget,
         context=context,
@@ -404,7 +424,9 @@ def _encode_translated(
     snapshot, _ = _evicted(lm, obs, budget)
     receiver = calibration.receiver.fingerprint
     translated = translate_snapshot(snapshot, calibration, receiver)
-    plan = EncodingPlan.uniform(receiver.num_layers, int(budget.bits), group_size=budget.group_size)
+    plan = EncodingPlan.uniform(
+        receiver.num_layers, int(budget.bits), group_size=budget.group_size, rotation=budget.rotation
+    )
     # fp16_bytes stays the sender's whole prompt (what it prefilled), as for every card.
     meta = _card_meta(
         budget,

@@ -20,6 +20,7 @@ from typing import TextIO
 from nodes.bench.datasets import load_rows
 from qkv import (
     CalibrationItem,
+    Rotation,
     SensitivityProfile,
     load_model,
     predicted_distortion,
@@ -91,11 +92,13 @@ def run_calibrate(
     group_size: int = 32,
     progress: bool = True,
     stream: TextIO | None = None,
+    rotation: Rotation = "none",
+    fp16_sinks: int = 0,
 ) -> Path:
     """Calibrate ``model`` on ``rows`` items of ``data`` and save the profile; returns the file written.
 
-    ``out`` defaults to ``$EDGEBUS_HOME/profiles/<model>-g<group_size>.json``, where
-    :func:`qkv._calibrate.default_profile` finds it.
+    ``out`` defaults to ``$EDGEBUS_HOME/profiles/`` under :func:`qkv._calibrate.profile_filename` (model,
+    group size and card coding), where :func:`qkv._calibrate.default_profile` finds it.
     """
     stream = sys.stdout if stream is None else stream
     items = calibration_items(data, rows=rows, offset=offset)
@@ -108,13 +111,20 @@ def run_calibrate(
         progress=progress,
         sparse_widths=SPARSE_WIDTHS,
         sparse_items=SPARSE_ITEMS,
+        rotation=rotation,
+        fp16_sinks=fp16_sinks,
     )
     elapsed = time.perf_counter() - start
-    target = out if out is not None else profiles_dir() / profile_filename(lm.name, group_size)
+    target = (
+        out
+        if out is not None
+        else profiles_dir() / profile_filename(lm.name, group_size, rotation, fp16_sinks)
+    )
     profile.save(target)
     print(
         f"calibrated {lm.name} ({profile.fingerprint_digest}) on {len(items)} items of {data.name} "
-        f"from row {offset}, group size {group_size}, in {elapsed:.0f} s -> {target}",
+        f"from row {offset}, group size {group_size}, rotation {rotation}, {fp16_sinks} fp16 sinks, "
+        f"in {elapsed:.0f} s -> {target}",
         file=stream,
     )
     print(allocation_summary(profile), file=stream)

@@ -6,7 +6,7 @@ Grammar: a base, then ``+`` modifiers::
     kv-raw | kv-fp16 | kv-B | uniform-B                 uniform widths (B = 1..8), raw = model dtype
     adaptive-B                                          profiled widths at the SAME stored bits per value
                                                         as uniform-B (B + 32/G, scales counted)
-    modifiers: +tokens  +evict-K  +obf  +layers-F  +facts  +gN  +reread
+    modifiers: +tokens  +evict-K  +obf  +layers-F  +facts  +gN  +reread  +rot  +hrot  +sN
 
 ``+gN`` sets the quantization group size (default: the bench's ``--group-size``): every group stores an fp16
 scale and zero, ``32 / N`` bits per value, so ``uniform-2+g128`` stores 2.25 bits per value where
@@ -14,6 +14,10 @@ scale and zero, ``32 / N`` bits per value, so ``uniform-2+g128`` stores 2.25 bit
 
 ``+reread`` takes the attention statistics (eviction, token classes) from the sender re-reading the context
 (``qkv.prefill_reread``) instead of from the context's last ``window`` tokens.
+
+``+rot`` codes quantized K and V in the ``hadamard-prerope`` space, ``+hrot`` in the ``hadamard`` space
+(:mod:`qkv._rotation`); ``+sN`` stores the first N tokens (attention sinks) in fp16 outside the groups. An
+adaptive base with either needs a profile calibrated with the same coding.
 
 e.g. ``uniform-4+evict-0.25+obf``, ``adaptive-3+tokens+facts``, ``uniform-2+g128+evict-0.5``.
 """
@@ -74,6 +78,12 @@ def parse_condition(name: str, *, group_size: int = 32) -> Condition:
             fields["facts"] = True
         elif mod == "reread":
             importance = "reread"
+        elif mod == "rot":
+            fields["rotation"] = "hadamard-prerope"
+        elif mod == "hrot":
+            fields["rotation"] = "hadamard"
+        elif mod.startswith("s") and mod[1:].isdigit():
+            fields["fp16_sinks"] = int(mod[1:])
         elif mod.startswith("evict-"):
             fields["keep"] = float(mod.split("-", 1)[1])
         elif mod.startswith("layers-"):

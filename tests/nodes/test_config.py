@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from nodes._errors import ConfigFileError
-from nodes.config import NodeConfig, ReaderPolicyConfig, bus_config, load_node_config
+from nodes.config import CARD_ROTATIONS, NodeConfig, ReaderPolicyConfig, bus_config, load_node_config
 from nodes.demo_processes import write_fleet_keys
+from nodes.reader_policy import fixed_budget
+from qkv import ROTATIONS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FLEET = ("reader", "answerer", "relay", "base", "field-answerer")
@@ -104,6 +106,21 @@ def test_reader_policy_defaults_to_auto_and_reads_its_section(tmp_path: Path) ->
         mode="fixed", table=table, quality_floor=0.95, deadline_s=2.0, assumed_link_mbit=1.5, split=False,
         split_min_head=128,
     )  # fmt: skip
+
+
+def test_reader_card_coding_is_read_checked_and_matches_the_codec(tmp_path: Path) -> None:
+    assert CARD_ROTATIONS == ROTATIONS
+    plain = load_node_config(_write(tmp_path, READER), env={}).reader
+    assert plain is not None
+    assert (plain.rotation, plain.fp16_sinks) == ("none", 0)
+    body = READER + 'rotation = "hadamard-prerope"\nfp16_sinks = 1\n'
+    reader = load_node_config(_write(tmp_path, body), env={}).reader
+    assert reader is not None
+    budget = fixed_budget(reader)
+    assert (budget.rotation, budget.fp16_sinks) == ("hadamard-prerope", 1)
+    for bad, problem in (('rotation = "spin"', "must be one of"), ("fp16_sinks = -1", "0..64")):
+        with pytest.raises(ConfigFileError, match=problem):
+            load_node_config(_write(tmp_path, READER + bad + "\n"), env={})
 
 
 def test_minimal_insecure_config_takes_defaults(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from qkv._calibrate import (
 from qkv._card import EncodingPlan, decode_card, encode_card
 from qkv._errors import CalibrationError
 from qkv._hf import answer_logprobs, prefill
+from qkv._rotation import rope_table_for
 
 ITEMS = (
     ("The Broncos beat the Panthers 24-10 in Santa Clara.", "Who won?", "The Broncos"),
@@ -47,20 +48,54 @@ def _snapshot(lm):
     return parts, prefill(lm, parts.prefix_ids)
 
 
-@pytest.mark.parametrize("width", [2, 3, 5, 8, 16, 32])
-def test_card_roundtrip_is_what_a_card_gives_back(tiny_lm, width):
-    _, snapshot = _snapshot(tiny_lm)
-    layers = snapshot.num_layers
-    plan = EncodingPlan(key_bits=(width,) * layers, value_bits=(width,) * layers, group_size=8)
-    decoded = decode_card(encode_card(snapshot, plan)).snapshot
-    for layer in range(layers):
+def _tensor_pairs(snapshot, decoded):
+    """``(kind, original, decoded)`` for every layer's K and V (all present)."""
+    for layer in range(snapshot.num_layers):
         for kind, ours, theirs in (
             ("k", snapshot.keys[layer], decoded.keys[layer]),
             ("v", snapshot.values[layer], decoded.values[layer]),
         ):
             assert ours is not None
             assert theirs is not None
-            assert torch.equal(card_roundtrip(ours, width, kind=kind, group_size=8), theirs)
+            yield kind, ours, theirs
+
+
+@pytest.mark.parametrize("width", [2, 3, 5, 8, 16, 32])
+def test_card_roundtrip_is_what_a_card_gives_back(tiny_lm, width):
+    _, snapshot = _snapshot(tiny_lm)
+    layers = snapshot.num_layers
+    plan = EncodingPlan(key_bits=(width,) * layers, value_bits=(width,) * layers, group_size=8)
+    decoded = decode_card(encode_card(snapshot, plan)).snapshot
+    for kind, ours, theirs in _tensor_pairs(snapshot, decoded):
+        assert torch.equal(card_roundtrip(ours, width, kind=kind, group_size=8), theirs)
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_card_roundtrip_of_a_rotated_coding_is_what_such_a_card_gives_back(tiny_lm, width):
+    _, snapshot = _snapshot(tiny_lm)
+    layers = snapshot.num_layers
+    plan = EncodingPlan.uniform(layers, width, group_size=8, rotation="hadamard-prerope")
+    plan = plan.with_fp16_tokens(snapshot.positions < 1)
+    decoded = decode_card(encode_card(snapshot, plan)).snapshot
+    rope = rope_table_for(snapshot.fingerprint)
+    for kind, ours, theirs in _tensor_pairs(snapshot, decoded):
+        mine = card_roundtrip(
+            ours, width, kind=kind, group_size=8, rotation="hadamard-prerope", fp16_sinks=1, rope=rope
+        )
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(mine, card_roundtrip(ours, width, kind=kind, group_size=8))
+
+
+def test_a_profile_measures_the_coding_it_names(tiny_lm, profile):
+    coded = profile_sensitivity(
+        tiny_lm, ITEMS, widths=WIDTHS, group_size=8, progress=False, rotation="hadamard-prerope", fp16_sinks=1
+    )
+    assert (coded.rotation, coded.fp16_sinks) == ("hadamard-prerope", 1)
+    assert SensitivityProfile.from_json(coded.to_json()) == coded
+    assert coded.table != profile.table  # the cells are measured on the rotated coding, not copied
+    for row in coded.table:
+        assert row["k"][32] == 0.0
+        assert row["k"][2] > row["k"][8]
 
 
 def test_batched_variants_agree_with_one_forward_each(tiny_lm):
@@ -194,6 +229,12 @@ def test_default_profile_finds_the_one_for_this_model(tiny_lm, profile, tmp_path
     assert found.table == profile.table
     assert default_profile(tiny_lm, 32, home=tmp_path) is None  # measured at another group size
     # A broken file on the way to a match is an error that names it, not something to step over.
+    # A profile of another card coding (rotation, fp16 sinks) is found only for that coding.
+    coded = replace(profile, rotation="hadamard-prerope", fp16_sinks=1)
+    coded.save(directory / profile_filename(tiny_lm.name, 8, "hadamard-prerope", 1))
+    assert default_profile(tiny_lm, 8, home=tmp_path) == found
+    assert default_profile(tiny_lm, 8, home=tmp_path, rotation="hadamard-prerope", fp16_sinks=1) == coded
+    assert default_profile(tiny_lm, 8, home=tmp_path, rotation="hadamard") is None
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "broken-g8.json").write_text("{not json")
@@ -207,7 +248,9 @@ def test_shipped_profiles_are_valid():
     assert shipped, f"no profile ships in {SHIPPED_PROFILES}"
     for path in shipped:
         profile = SensitivityProfile.load(path)
-        assert path.name == profile_filename(profile.model_name, profile.group_size)
+        assert path.name == profile_filename(
+            profile.model_name, profile.group_size, profile.rotation, profile.fp16_sinks
+        )
         for budget_bits in (3.0, 4.0):
             allocation = profile.allocate(budget_bits + 32 / profile.group_size)
             assert allocation.bits_per_value <= budget_bits + 32 / profile.group_size + 1e-9

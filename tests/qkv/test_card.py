@@ -536,8 +536,14 @@ def test_wrong_magic_and_versions() -> None:
     _, metadata, payload = split_card(data)
     with pytest.raises(CardFormatError, match="not a CacheCard"):
         decode_card(build_card(metadata, payload, magic=b"PK\x03\x04"))
-    with pytest.raises(CardFormatError, match=r"version 2\.0"):
+    with pytest.raises(CardFormatError, match=r"version 3\.0"):
+        decode_card(build_card(metadata, payload, major=3))
+    # Major 2 is the rotated coding: its metadata must say which rotation.
+    with pytest.raises(CardFormatError, match="lacks 'rotation'"):
         decode_card(build_card(metadata, payload, major=2))
+    for bad in ("none", "random", 7, ["hadamard"]):
+        with pytest.raises(CardFormatError, match="rotation of a v2 card"):
+            read_card_info(build_card({**metadata, "rotation": bad}, payload, major=2))
     with pytest.raises(CardFormatError, match=r"version 0\.9"):
         read_card_info(build_card(metadata, payload, major=0, minor=9))
 
