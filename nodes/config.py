@@ -28,7 +28,7 @@ Schema (every section but ``[node]`` optional; a role's section may be left out 
     hmac = "keys/hmac.key"
 
     [reader]     topic, bits, keep, layers, facts, documents = [paths], doc_topics = "doc/"
-    rotation = "none"                     # fixed cards' coding: "hadamard-prerope" (v2 cards, 3-4x lower
+    rotation = "none"                     # fixed cards' coding: "hadamard-prerope" (v2 cards, 2-3x lower
     fp16_sinks = 0                        #   KL at the same bytes) and 1 fp16 sink token; see qkv._rotation
     translate = ["cal/a--b.safetensors"]  # cross-model calibrations from this node's model to others
                                           #   (`edgebus calibrate --sender --receiver`): receivers of
