@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from ._kv import ModelFingerprint
-from ._rope import RopeTable, rotate, unrotate
+from ._rope import RopeTable, unrotate
 
 Rotation = Literal["none", "hadamard", "hadamard-prerope"]
 ROTATIONS: tuple[Rotation, ...] = ("none", "hadamard", "hadamard-prerope")
@@ -90,14 +90,14 @@ def to_code_space(
 def from_code_space(
     x: torch.Tensor, *, kind: str, rotation: Rotation, positions: torch.Tensor, rope: RopeTable | None
 ) -> torch.Tensor:
-    """Inverse of :func:`to_code_space`; float32."""
-    if rotation == "none":
-        return x.float()
-    out = torch.matmul(x.float(), hadamard(x.shape[-1], x.device))
+    """Inverse of :func:`to_code_space`; float32 (:func:`from_code_space_into` into a new tensor)."""
+    cos_sin = None
     if kind == "k" and rotation == "hadamard-prerope":
         if rope is None:
             raise ValueError("hadamard-prerope needs the RoPE table of the keys")
-        out = rotate(out, rope, positions.to(x.device))
+        cos_sin = rope.cos_sin(positions.to(x.device))
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    from_code_space_into(out, x.float().contiguous().clone(), kind=kind, rotation=rotation, cos_sin=cos_sin)
     return out
 
 
