@@ -75,7 +75,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ._errors import BusError, ConfigError
 
@@ -170,12 +170,17 @@ _TEXT_POINT = RateQualityPoint(
 
 @dataclass(frozen=True, slots=True)
 class RateQualityTable:
-    """The rate-quality points calibrated for one model."""
+    """The rate-quality points calibrated for one model.
+
+    ``dominated``: measured points another point beats at no more bytes; the policy never picks them, but
+    benchmarks that run such a card as a fixed alternative read its quality here.
+    """
 
     points: tuple[RateQualityPoint, ...]
     model: str = ""
     metric: str = ""
     source: str = ""
+    dominated: tuple[RateQualityPoint, ...] = ()
 
     def candidates(self) -> tuple[RateQualityPoint, ...]:
         """The points, with a text point added when the table has none."""
@@ -191,6 +196,8 @@ class RateQualityTable:
             "source": self.source,
             "points": [asdict(p) for p in self.points],
         }
+        if self.dominated:
+            body["dominated"] = [asdict(p) for p in self.dominated]
         return json.dumps(body, indent=1)
 
     @classmethod
@@ -202,7 +209,7 @@ class RateQualityTable:
             raise ConfigError(f"{source}: not JSON: {exc}") from exc
         if not isinstance(document, dict):
             raise ConfigError(f"{source}: a rate-quality table is a JSON object")
-        unknown = set(document) - {"version", "model", "metric", "source", "points"}
+        unknown = set(document) - {"version", "model", "metric", "source", "points", "dominated"}
         if unknown:
             raise ConfigError(f"{source}: unknown key {sorted(unknown)[0]!r}")
         if document.get("version") != _TABLE_VERSION:
@@ -214,20 +221,14 @@ class RateQualityTable:
         raw_points = document.get("points")
         if not isinstance(raw_points, list) or not raw_points:
             raise ConfigError(f"{source}: 'points' must be a non-empty list")
-        allowed = {f.name for f in fields(RateQualityPoint)}
-        points = []
-        for index, raw in enumerate(raw_points):
-            where = f"{source}: points[{index}]"
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{where} must be an object")
-            extra = set(raw) - allowed
-            if extra:
-                raise ConfigError(f"{where}: unknown key {sorted(extra)[0]!r}")
-            try:
-                points.append(RateQualityPoint(**raw))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{where}: {exc}") from exc
-        return cls(points=tuple(points), **strings)
+        raw_dominated = document.get("dominated", [])
+        if not isinstance(raw_dominated, list):
+            raise ConfigError(f"{source}: 'dominated' must be a list")
+        return cls(
+            points=_parse_points(raw_points, f"{source}: points"),
+            dominated=_parse_points(raw_dominated, f"{source}: dominated"),
+            **strings,
+        )
 
     @classmethod
     def load(cls, path: Path) -> RateQualityTable:
@@ -247,6 +248,23 @@ class RateQualityTable:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _parse_points(raw_points: list[Any], where: str) -> tuple[RateQualityPoint, ...]:
+    allowed = {f.name for f in fields(RateQualityPoint)}
+    points = []
+    for index, raw in enumerate(raw_points):
+        at = f"{where}[{index}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{at} must be an object")
+        extra = set(raw) - allowed
+        if extra:
+            raise ConfigError(f"{at}: unknown key {sorted(extra)[0]!r}")
+        try:
+            points.append(RateQualityPoint(**raw))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{at}: {exc}") from exc
+    return tuple(points)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

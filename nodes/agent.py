@@ -76,7 +76,7 @@ from edgebus import (
 from ._errors import AskError
 from .config import AnswererConfig, NodeConfig, bus_config
 from .handoffs import HandoffBook, HeadResult, handoff_times, monotonic, sent_at
-from .heap import retain_heap
+from .heap import HeapSettings, prefault_heap, retain_heap
 
 if TYPE_CHECKING:
     from .reader_policy import Override, PlanChooser
@@ -1009,7 +1009,7 @@ def _kv_bytes_per_token(lm: Any) -> int:
 # ---------------------------------------------------------------------------------------------- entry
 
 
-async def _serve(config: NodeConfig, events: EventLog, notifier: Notifier) -> None:
+async def _serve(config: NodeConfig, heap: HeapSettings, events: EventLog, notifier: Notifier) -> None:
     from qkv import load_model
 
     loop = asyncio.get_running_loop()
@@ -1027,6 +1027,11 @@ async def _serve(config: NodeConfig, events: EventLog, notifier: Notifier) -> No
                 attn_implementation="eager" if needs_attention else None,
             )
         )
+        if config.heap_prefault and heap.applied:
+            notifier.status("faulting in the retained heap")
+            started = time.monotonic()
+            touched = await asyncio.to_thread(prefault_heap, heap)
+            log.info("heap: %d MiB made resident in %.2f s", touched >> 20, time.monotonic() - started)
         await Agent(config, lm, events=events, notifier=notifier).run(stop)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1039,5 +1044,5 @@ def run_node(config: NodeConfig, *, events: bool = False) -> int:
     heap = retain_heap(config.heap_retain_mib)
     log.info("heap: %s", heap.as_dict())
     with Notifier() as notifier:
-        asyncio.run(_serve(config, EventLog(sys.stdout if events else None), notifier))
+        asyncio.run(_serve(config, heap, EventLog(sys.stdout if events else None), notifier))
     return 0

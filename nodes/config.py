@@ -9,6 +9,7 @@ Schema (every section but ``[node]`` optional; a role's section may be left out 
     roles = ["answerer"]                  # any of reader, answerer, relay
     state_dir = "/var/lib/edgebus/a"      # default $EDGEBUS_STATE, else ~/.local/state/edgebus/<name>
     heap_retain_mib = 512                 # freed model memory kept for reuse (glibc); 0: glibc defaults
+    heap_prefault = true                  # fault the retained heap in at start (fast first long answer)
 
     [bus]
     bind = "tcp://127.0.0.1:5560"         # omit for a node that only connects
@@ -172,6 +173,7 @@ class NodeConfig:
     answerer: AnswererConfig | None
     relay: RelayConfig | None
     heap_retain_mib: int = DEFAULT_HEAP_RETAIN_MIB  # freed model memory kept for reuse (nodes.heap); 0: off
+    heap_prefault: bool = True  # make the retained heap resident at start (nodes.heap.prefault_heap)
 
     @property
     def spool_dir(self) -> Path:
@@ -293,6 +295,7 @@ def load_node_config(path: Path | str, *, env: Mapping[str, str] | None = None) 
     heap_retain_mib = node.get("heap_retain_mib", int, DEFAULT_HEAP_RETAIN_MIB)
     if not 0 <= heap_retain_mib <= MAX_HEAP_RETAIN_MIB:
         raise node.error("heap_retain_mib", f"must be in 0..{MAX_HEAP_RETAIN_MIB}, got {heap_retain_mib!r}")
+    heap_prefault = node.get("heap_prefault", bool, True)
     node.finish()
 
     bus = _bus_section(_Table(file, "bus", top.get("bus", dict, {})))
@@ -340,6 +343,7 @@ def load_node_config(path: Path | str, *, env: Mapping[str, str] | None = None) 
         answerer=sections.get("answerer"),
         relay=sections.get("relay"),
         heap_retain_mib=heap_retain_mib,
+        heap_prefault=heap_prefault,
     )
 
 

@@ -84,8 +84,10 @@ class PolicyBenchConfig:
 
 
 def _table_points(path: str) -> dict[str, dict[str, float]]:
+    """Condition -> point, the dominated ones too (a fixed alternative may be one of them)."""
     document = json.loads(Path(path).read_text(encoding="utf-8"))
-    return {p["condition"]: p for p in document["points"] if p.get("condition")}
+    every = [*document.get("dominated", []), *document["points"]]
+    return {p["condition"]: p for p in every if p.get("condition")}
 
 
 def predicted_wire_bytes(

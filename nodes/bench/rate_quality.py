@@ -120,8 +120,11 @@ def build_table(
         f"{path.name} ({', '.join(sorted({str(r.get('dataset', '?')) for r in _rows(path)}))})"
         for path in results
     )
-    table = RateQualityTable(points=(*kept, text), model=model, metric=METRIC, source=source)
-    return table, [p for p in points if p not in kept]
+    pruned = [p for p in points if p not in kept]
+    table = RateQualityTable(
+        points=(*kept, text), model=model, metric=METRIC, source=source, dominated=tuple(pruned)
+    )
+    return table, pruned
 
 
 def _rows(path: Path) -> list[Mapping[str, Any]]:

@@ -434,9 +434,12 @@ def test_table_round_trips_through_json_and_disk(tmp_path: Path) -> None:
     table = RateQualityTable(
         model="m",
         points=(*TABLE.points, card(4, 7_000, 0.97, facts=True)),
+        dominated=(card(3, 9_000, 0.9),),
     )
     table.save(path)
     assert RateQualityTable.load(path) == table
+    # Dominated points are kept for reference only: never a candidate for the policy.
+    assert card(3, 9_000, 0.9) not in table.candidates()
     assert [p.name for p in tmp_path.iterdir()] == ["rq.json"]
     assert json.loads(path.read_text())["version"] == 1
 
@@ -449,6 +452,16 @@ def test_table_round_trips_through_json_and_disk(tmp_path: Path) -> None:
         ('{"version": 1, "points": [], "extra": 1}', "extra"),
         ('{"version": 1, "points": []}', "points"),
         ('{"version": 1, "points": [{"representation": "card"}]}', "points[0]"),
+        (
+            '{"version": 1, "points": [{"representation": "text", "bits": 16, "keep": 1, "layers": 1, '
+            '"bytes_per_token": 0, "quality": 1}], "dominated": [{"representation": "card"}]}',
+            "dominated[0]",
+        ),
+        (
+            '{"version": 1, "points": [{"representation": "text", "bits": 16, "keep": 1, "layers": 1, '
+            '"bytes_per_token": 0, "quality": 1}], "dominated": {}}',
+            "'dominated' must be a list",
+        ),
         (
             '{"version": 1, "points": [{"representation": "pdf", "bits": 4, "keep": 1, "layers": 1, '
             '"bytes_per_token": 1, "quality": 1}]}',

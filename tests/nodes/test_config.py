@@ -131,6 +131,7 @@ def test_minimal_insecure_config_takes_defaults(tmp_path: Path) -> None:
     assert bus_config(cfg).insecure
     assert cfg.state_dir.name == "a"
     assert cfg.heap_retain_mib == 512
+    assert cfg.heap_prefault is True
 
 
 @pytest.mark.parametrize(
@@ -152,6 +153,11 @@ def test_minimal_insecure_config_takes_defaults(tmp_path: Path) -> None:
         ),
         (BASE + 'bind = "udp://x"\n', "bus.bind", "tcp://HOST:PORT"),
         (BASE.replace('name = "a"', 'name = "a"\nheap_retain_mib = 4096'), "node.heap_retain_mib", "0..2047"),
+        (
+            BASE.replace('name = "a"', 'name = "a"\nheap_prefault = "yes"'),
+            "node.heap_prefault",
+            "expected bool",
+        ),
         (BASE + "heartbeat_s = 5\npeer_timeout_s = 2\n", "bus.peer_timeout_s", "exceed"),
         (BASE + '[[bus.peers]]\nendpoint = "tcp://127.0.0.1:1"\nkey = "x"\n', "bus.peers[0].key", "unknown"),
         ("[node\n", "", "not valid TOML"),

@@ -30,6 +30,7 @@ def test_the_shipped_table_is_generated_from_the_squad_results_not_typed() -> No
     assert SQUAD in sources
     table, pruned = build_table(sources, model="smollm2-135m-instruct", kv_bytes_per_token=KV)
     assert shipped == table
+    assert table.dominated == tuple(pruned)
     assert "kv-raw" in [p.condition for p in pruned]  # fp16's quality at twice its bytes
 
 
