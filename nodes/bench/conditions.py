@@ -6,7 +6,7 @@ Grammar: a base, then ``+`` modifiers::
     kv-raw | kv-fp16 | kv-B | uniform-B                 uniform widths (B = 1..8), raw = model dtype
     adaptive-B                                          profiled widths at the SAME stored bits per value
                                                         as uniform-B (B + 32/G, scales counted)
-    modifiers: +tokens  +evict-K  +obf  +layers-F  +facts  +gN  +reread  +rot  +hrot  +sN
+    modifiers: +tokens  +evict-K  +obf  +layers-F  +facts  +gN  +reread  +rot  +hrot  +sN  +head-F
 
 ``+gN`` sets the quantization group size (default: the bench's ``--group-size``): every group stores an fp16
 scale and zero, ``32 / N`` bits per value, so ``uniform-2+g128`` stores 2.25 bits per value where
@@ -18,6 +18,11 @@ scale and zero, ``32 / N`` bits per value, so ``uniform-2+g128`` stores 2.25 bit
 ``+rot`` codes quantized K and V in the ``hadamard-prerope`` space, ``+hrot`` in the ``hadamard`` space
 (:mod:`qkv._rotation`); ``+sN`` stores the first N tokens (attention sinks) in fp16 outside the groups. An
 adaptive base with either needs a profile calibrated with the same coding.
+
+``+head-F`` is the quality of a split hand-off whose head is the first fraction F of the prompt: those
+tokens go in fp16 outside the groups (per row, ``fp16_sinks`` = F x the prompt's tokens), where a split's
+receiver prefills them itself; fp16 KV answers as the text does (200/200 rows on SQuAD). Its card bytes
+count that head at fp16, where a split sends its ids: use it for quality, not for size.
 
 e.g. ``uniform-4+evict-0.25+obf``, ``adaptive-3+tokens+facts``, ``uniform-2+g128+evict-0.5``.
 """
@@ -42,6 +47,8 @@ class Condition:
     kind: Kind
     budget: Budget | None = None
     importance: Importance = "window"
+    #: ``+head-F``: the fraction of each prompt's tokens kept exact, as a split's prefilled head.
+    head_fraction: float | None = None
 
 
 def parse_condition(name: str, *, group_size: int = 32) -> Condition:
@@ -56,6 +63,7 @@ def parse_condition(name: str, *, group_size: int = 32) -> Condition:
         mods.remove(sizes[0])
     fields: dict[str, object] = {"group_size": group_size}
     importance: Importance = "window"
+    head_fraction: float | None = None
     if base == "kv-raw":
         fields["bits"] = 32
     elif base == "kv-fp16":
@@ -84,6 +92,10 @@ def parse_condition(name: str, *, group_size: int = 32) -> Condition:
             fields["rotation"] = "hadamard"
         elif mod.startswith("s") and mod[1:].isdigit():
             fields["fp16_sinks"] = int(mod[1:])
+        elif mod.startswith("head-"):
+            head_fraction = float(mod.split("-", 1)[1])
+            if not 0 < head_fraction < 1:
+                raise ValueError(f"condition {name!r}: the head fraction must be in (0, 1)")
         elif mod.startswith("evict-"):
             fields["keep"] = float(mod.split("-", 1)[1])
         elif mod.startswith("layers-"):
@@ -94,4 +106,6 @@ def parse_condition(name: str, *, group_size: int = 32) -> Condition:
         budget = Budget(**fields)  # type: ignore[arg-type]
     except ValueError as exc:
         raise ValueError(f"condition {name!r}: {exc}") from exc
-    return Condition(name=name, kind="card", budget=budget, importance=importance)
+    return Condition(
+        name=name, kind="card", budget=budget, importance=importance, head_fraction=head_fraction
+    )

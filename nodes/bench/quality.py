@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,11 @@ def _run_row(
             else:
                 obs = reread_obs if cond.importance == "reread" else attn_obs
             assert obs is not None
-            enc = encode_observation(lm, obs, cond.budget, context=row.context, profile=profile)
+            budget = cond.budget
+            if cond.head_fraction is not None:
+                head = round(cond.head_fraction * len(parts.prefix_ids))
+                budget = replace(budget, fp16_sinks=budget.fp16_sinks + head)
+            enc = encode_observation(lm, obs, budget, context=row.context, profile=profile)
             ans = answer_from_card(lm, enc.data, row.question, max_new_tokens=max_new_tokens)
             gen = ans.generation
             record.update(card_bytes=enc.card_bytes, fp16_bytes=enc.fp16_bytes, ttft_s=ans.ttft_s)

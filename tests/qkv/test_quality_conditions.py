@@ -42,3 +42,13 @@ def test_reread_modifier_picks_the_importance_source() -> None:
     reread = parse_condition("uniform-4+evict-0.5+reread")
     assert reread.importance == "reread"
     assert reread.budget == parse_condition("uniform-4+evict-0.5").budget  # the card records the same budget
+
+
+def test_head_modifier_names_the_split_head_fraction() -> None:
+    condition = parse_condition("uniform-2+g128+rot+s1+head-0.47")
+    assert condition.head_fraction == 0.47
+    assert condition.budget == parse_condition("uniform-2+g128+rot+s1").budget  # applied per row
+    assert parse_condition("uniform-2").head_fraction is None
+    for bad in ("uniform-2+head-0", "uniform-2+head-1.5"):
+        with pytest.raises(ValueError, match="head fraction"):
+            parse_condition(bad)

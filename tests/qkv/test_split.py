@@ -347,3 +347,21 @@ def test_split_4_bit_answers_at_least_as_well_as_full_4_bit_on_smollm2(real_lm):
         kl_split = kl(_joined(real_lm, split.data))
         assert kl_split <= kl_full + KL_SLACK, (row["id"], kl_split, kl_full)
         assert split.card_bytes < 0.52 * full.card_bytes
+
+
+def test_a_card_with_its_head_in_fp16_answers_like_the_split_it_stands_for(tiny_lm):
+    """The quality bench's ``+head-F`` condition: a whole card whose first h tokens are fp16 (outside the
+    groups) gives the receiver what a split with a prefilled head of h tokens gives it."""
+    parts = _parts(tiny_lm)
+    target = answer_from_text(tiny_lm, CONTEXT, QUESTION).token_ids
+    tail = {"bits": 2, "group_size": 128, "rotation": "hadamard-prerope"}
+    split = encode_split(tiny_lm, CONTEXT, Budget(**tail), head_tokens=HEAD)  # type: ignore[arg-type]
+    stand_in = encode_context(tiny_lm, CONTEXT, Budget(**tail, fp16_sinks=HEAD))  # type: ignore[arg-type]
+    whole = encode_context(tiny_lm, CONTEXT, Budget(**tail))  # type: ignore[arg-type]
+    from_split = answer_logprobs(tiny_lm, _joined(tiny_lm, split.data), parts.suffix_ids, target)
+    from_stand_in = answer_logprobs(tiny_lm, decode_card(stand_in.data).snapshot, parts.suffix_ids, target)
+    from_whole = answer_logprobs(tiny_lm, decode_card(whole.data).snapshot, parts.suffix_ids, target)
+    gap = (from_split - from_stand_in).abs().max().item()
+    assert gap < 5e-3
+    # Not trivially close: coding the head at 2 bits too moves the answer by much more.
+    assert (from_split - from_whole).abs().max().item() > 10 * gap + 1e-2
