@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from dataclasses import dataclass
 from typing import Final
 
@@ -107,6 +108,7 @@ def prefault_heap(settings: HeapSettings) -> int:
     return len(held) * PREFAULT_BLOCK
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """This process's C library, if it is glibc (``mallopt``, ``malloc``, ``free`` typed); else None."""
     name = ctypes.util.find_library("c")

@@ -97,7 +97,9 @@ def from_code_space(
             raise ValueError("hadamard-prerope needs the RoPE table of the keys")
         cos_sin = rope.cos_sin(positions.to(x.device))
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    from_code_space_into(out, x.float().contiguous().clone(), kind=kind, rotation=rotation, cos_sin=cos_sin)
+    # The decoder's in-place inverse uses its input as scratch: hand it one float32 copy of x.
+    scratch = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    from_code_space_into(out, scratch, kind=kind, rotation=rotation, cos_sin=cos_sin)
     return out
 
 

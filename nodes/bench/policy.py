@@ -22,17 +22,17 @@ the policy predicted against the floor.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from tqdm import tqdm
 
+from edgebus import RateQualityPoint, RateQualityTable
 from nodes.bench.handoff import (
     SHARED_DATA,
     BenchContext,
@@ -83,15 +83,14 @@ class PolicyBenchConfig:
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def _table_points(path: str) -> dict[str, dict[str, float]]:
+def _table_points(path: str) -> dict[str, RateQualityPoint]:
     """Condition -> point, the dominated ones too (a fixed alternative may be one of them)."""
-    document = json.loads(Path(path).read_text(encoding="utf-8"))
-    every = [*document.get("dominated", []), *document["points"]]
-    return {p["condition"]: p for p in every if p.get("condition")}
+    table = RateQualityTable.load(Path(path))
+    return {p.condition: p for p in (*table.dominated, *table.points) if p.condition}
 
 
 def predicted_wire_bytes(
-    alternative: str, tokens: int, text_bytes: int, points: dict[str, Any]
+    alternative: str, tokens: int, text_bytes: int, points: Mapping[str, RateQualityPoint]
 ) -> float | None:
     """Bytes an alternative will put on the link, from the table (None where it cannot say: a split)."""
     override = ALTERNATIVES[alternative]
@@ -103,15 +102,15 @@ def predicted_wire_bytes(
     bits = budget["bits"]
     point = points.get(f"kv-{bits}")
     if point is not None:
-        per_token = float(point["bytes_per_token"])
+        per_token = point.bytes_per_token
     else:
-        # A width the table dropped (dominated at its bytes): scale a plain card of another width. Groups
-        # of 32 with an fp16 scale and zero cost one bit per value on top of the width.
+        # A width the table does not hold (older tables drop dominated points): scale a plain card of
+        # another width. Groups of 32 with an fp16 scale and zero cost one bit per value on top of it.
         plain = [(int(k[3:]), p) for k, p in points.items() if k[3:].isdigit() and k.startswith("kv-")]
         if not plain:
             return None
         width, ref = min(plain, key=lambda item: abs(item[0] - bits))
-        per_token = float(ref["bytes_per_token"]) * (bits + 1) / (width + 1)
+        per_token = ref.bytes_per_token * (bits + 1) / (width + 1)
     return per_token * tokens * float(budget.get("keep", 1.0))
 
 
@@ -208,14 +207,14 @@ def _sent_fields(sent: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def _quality(row: dict[str, Any], points: dict[str, Any]) -> float | None:
+def _quality(row: dict[str, Any], points: Mapping[str, RateQualityPoint]) -> float | None:
     if row["alternative"] == "policy":
         quality = row.get("decision", {}).get("predicted_quality")
         return None if quality is None else float(quality)
     if row["alternative"] == "text":
         return 1.0
     condition = _CONDITION.get(row["alternative"])
-    return None if condition is None or condition not in points else float(points[condition]["quality"])
+    return None if condition is None or condition not in points else points[condition].quality
 
 
 def summarise(rows: list[dict[str, Any]], floor: float) -> list[dict[str, Any]]:

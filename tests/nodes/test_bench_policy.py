@@ -6,10 +6,19 @@ from typing import Any
 
 import pytest
 
+from edgebus import RateQualityPoint
 from nodes import cli
 from nodes.bench.policy import _cell, predicted_wire_bytes, summarise
 
-POINTS = {"kv-4": {"bytes_per_token": 7_000.0}, "kv-8": {"bytes_per_token": 13_000.0}}
+
+def _point(bits: float, bytes_per_token: float, quality: float) -> RateQualityPoint:
+    return RateQualityPoint(
+        representation="card", bits=bits, keep=1.0, layers=1.0, bytes_per_token=bytes_per_token,
+        quality=quality, condition=f"kv-{bits:g}",
+    )  # fmt: skip
+
+
+POINTS = {"kv-4": _point(4, 7_000.0, 0.98), "kv-8": _point(8, 13_000.0, 0.999)}
 
 
 def test_predicted_bytes_come_from_the_table() -> None:
