@@ -39,6 +39,7 @@ from ._link import LinkEstimate
 from ._memory import MemoryProbe, MemoryReading, PsutilMemoryProbe, ScriptedMemoryProbe
 from ._policy import (
     DEFAULT_INJECT_BYTES_PER_S,
+    DEFAULT_ROTATE_BYTES_PER_S,
     HEAD_ID_BYTES,
     BudgetPolicy,
     Decision,
@@ -60,6 +61,7 @@ from ._stats import BusStats
 
 __all__ = [
     "DEFAULT_INJECT_BYTES_PER_S",
+    "DEFAULT_ROTATE_BYTES_PER_S",
     "DELIVERED_KEPT",
     "HEAD_ID_BYTES",
     "AlreadyDelivered",

@@ -11,15 +11,19 @@ sent)::
     prefill(m)  = m / prefill_tokens_per_s + prefill_s_per_token2 * m**2
     transfer(w) = rtt + w / bandwidth_bytes_per_s
     text        = transfer(text_bytes) + prefill(n) + question_s
-    card        = transfer(bpt * n) + bpt * n / decode_bytes_per_s
+    card        = transfer(bpt * n) + bpt * n / decode_bytes_per_s + rot(kv * n * keep * layers)
                   + kv * n * keep * layers / inject_bytes_per_s + question_s
     hybrid      = card + text_bytes / bandwidth_bytes_per_s + prefill(n * (1 - keep))
     split(h)    = max(rtt + HEAD_ID_BYTES * h / bandwidth_bytes_per_s + prefill(h),
                       transfer(HEAD_ID_BYTES * h + bpt * (n - h)))
-                  + bpt * (n - h) / decode_bytes_per_s + kv * n / inject_bytes_per_s
+                  + bpt * (n - h) / decode_bytes_per_s + rot(kv * (n - h)) + kv * n / inject_bytes_per_s
                   + kv * n / join_bytes_per_s + question_s
+    rot(w)      = w / rotate_bytes_per_s for a point coded in a rotated basis (``rotated``), else 0
 
-(the quadratic prefill term is attention's cost growing with the length; ``question_s``, the receiver's
+(the quadratic prefill term is attention's cost growing with the length; a rotated card's receiver turns
+every decoded value back to the model's basis, a cost that grows with the fp16 KV it yields, not with the
+card's bytes: measured 4K tokens, 2 cores, 107 ms to decode an adaptive 3-bit rotated card against 74 ms for
+the same bits unrotated; ``question_s``, the receiver's
 time from a ready cache to its first token, is common to every candidate and changes no ranking, but it
 makes "within ``near_tie``" relative to the TTFT a user sees: on a fast link a 0.1 s smaller transfer is
 not worth a lower-quality card when the answer itself takes 2 s; a hybrid sends the card and the text, and
@@ -58,7 +62,8 @@ Rate-quality table JSON (generated from quality-benchmark results for one model)
      "points": [{"representation": "card", "bits": 4, "keep": 1.0, "layers": 1.0,
                  "bytes_per_token": 6450.0, "quality": 0.97, "facts": false, "condition": "kv-4"}, ...]}
 
-``quality`` is relative to text (1.0), by the table's ``metric``; ``condition`` names how the sender builds
+``quality`` is relative to text (1.0), by the table's ``metric``; ``rotated`` (default false) marks a card
+coded in a rotated basis, whose decode costs more (above); ``condition`` names how the sender builds
 the point (opaque here: the node maps it to a codec budget; two points differing only there are different
 choices). ``facts`` marks a point measured with a short key-facts text sent
 alongside the card (its bytes are negligible next to the card and are left out of the model). A table's
@@ -81,6 +86,7 @@ from ._errors import BusError, ConfigError
 
 __all__ = [
     "DEFAULT_INJECT_BYTES_PER_S",
+    "DEFAULT_ROTATE_BYTES_PER_S",
     "HEAD_ID_BYTES",
     "BudgetPolicy",
     "Decision",
@@ -107,6 +113,10 @@ _TABLE_REPRESENTATIONS: tuple[str, ...] = ("text", "card", "hybrid")
 _TABLE_VERSION = 1
 #: fp16 tensor copy into the model's cache, measured on the 2-vCPU dev box (FIELD-NOTES: 2.3 GB/s).
 DEFAULT_INJECT_BYTES_PER_S = 2.0e9
+#: fp16 KV bytes per second a receiver turns back from a rotated coding, for a receiver that does not
+#: advertise its own (measured on the 2-vCPU dev box, pre-RoPE Hadamard: 0.66-0.87 GB/s at 256 tokens,
+#: about 1 GB/s at 4K).
+DEFAULT_ROTATE_BYTES_PER_S = 1.0e9
 #: Wire bytes per head token id of a split (a little-endian uint32 each).
 HEAD_ID_BYTES = 4
 
@@ -142,6 +152,7 @@ class RateQualityPoint:
     quality: float
     facts: bool = False
     condition: str = ""
+    rotated: bool = False
 
     def __post_init__(self) -> None:
         owner = "RateQualityPoint"
@@ -153,8 +164,9 @@ class RateQualityPoint:
             _finite(owner, name, getattr(self, name), positive=False, error=ValueError)
         if self.keep > 1 or self.layers > 1:
             raise ValueError(f"{owner}.keep and .layers are fractions in (0, 1]")
-        if not isinstance(self.facts, bool):
-            raise ValueError(f"{owner}.facts must be a bool")
+        for name in ("facts", "rotated"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{owner}.{name} must be a bool")
         if not isinstance(self.condition, str) or len(self.condition) > 200:
             raise ValueError(f"{owner}.condition must be a string of at most 200 characters")
 
@@ -310,7 +322,8 @@ class PolicyInputs:
 
     Headrooms in bytes (the receiver advertises its own), bandwidth in bytes per second (what
     :class:`edgebus.LinkEstimate` calls ``bandwidth_bps``), speeds as measured (the receiver measures its
-    prefill at start and advertises the linear and quadratic terms, and its card decode speed).
+    prefill at start and advertises the linear and quadratic terms, its card decode speed and how fast it
+    turns a rotated card's values back, in fp16 KV bytes per second).
     ``context_tokens`` counts every token the sender prefills (prompt template included).
     """
 
@@ -327,6 +340,7 @@ class PolicyInputs:
     prefill_s_per_token2: float = 0.0
     question_s: float = 0.0
     join_bytes_per_s: float = DEFAULT_INJECT_BYTES_PER_S
+    rotate_bytes_per_s: float = DEFAULT_ROTATE_BYTES_PER_S
 
     def __post_init__(self) -> None:
         owner = "PolicyInputs"
@@ -344,12 +358,17 @@ class PolicyInputs:
             ("prefill_s_per_token2", False),
             ("question_s", False),
             ("join_bytes_per_s", True),
+            ("rotate_bytes_per_s", True),
         ):
             _finite(owner, name, getattr(self, name), positive=positive, error=InvalidPolicyInput)
 
     def prefill_s(self, tokens: float) -> float:
         """Predicted receiver prefill time of ``tokens`` tokens (module docstring)."""
         return tokens / self.prefill_tokens_per_s + self.prefill_s_per_token2 * tokens * tokens
+
+    def unrotate_s(self, point: RateQualityPoint, fp16_bytes: float) -> float:
+        """Predicted seconds to turn ``fp16_bytes`` of ``point``'s decoded KV back from its rotated basis."""
+        return fp16_bytes / self.rotate_bytes_per_s if point.rotated else 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -417,6 +436,7 @@ def _estimate(point: RateQualityPoint, x: PolicyInputs) -> _Estimate:
         x.rtt_s
         + card / x.bandwidth_bytes_per_s
         + card / x.decode_bytes_per_s
+        + x.unrotate_s(point, injected)
         + injected / x.inject_bytes_per_s
         + x.question_s
     )
@@ -439,7 +459,11 @@ def _split_ttft(point: RateQualityPoint, x: PolicyInputs, head: int) -> tuple[fl
     tail_side = x.rtt_s + (ids + tail_card) / bw
     kv = x.kv_bytes_per_token * n
     after = (
-        tail_card / x.decode_bytes_per_s + kv / x.inject_bytes_per_s + kv / x.join_bytes_per_s + x.question_s
+        tail_card / x.decode_bytes_per_s
+        + x.unrotate_s(point, x.kv_bytes_per_token * (n - head))
+        + kv / x.inject_bytes_per_s
+        + kv / x.join_bytes_per_s
+        + x.question_s
     )
     return max(head_side, tail_side) + after, head_side, tail_side
 

@@ -80,7 +80,7 @@ from .heap import HeapSettings, prefault_heap, retain_heap
 
 if TYPE_CHECKING:
     from .reader_policy import Override, PlanChooser
-    from .roles_answerer import PrefillModel
+    from .roles_answerer import CardSpeeds, CardSummary, PrefillModel
 
 log = logging.getLogger("nodes.agent")
 
@@ -177,9 +177,7 @@ class Agent:
         self._book = HandoffBook()
         self._chooser: PlanChooser | None = None
         self._prefill_model: PrefillModel | None = None
-        self._decode_bps = 0.0
-        self._question_s = 0.0
-        self._join_bps = 0.0
+        self._speeds: CardSpeeds | None = None
         self._prefill_cache: Any = None  # roles_reader.PrefillCache, made on the first read
         self._calibrations: tuple[Any, ...] = ()  # qkv.CrossModelCalibration to this model (answerer)
         # Announced ids already taken up, oldest first; bounded (SEEN_KEPT) so months of announcements do
@@ -212,7 +210,7 @@ class Agent:
                 await self._load_persisted()
                 self.notifier.status("measuring prefill and decode speed")
                 speeds = await self._worker.run(_measure_speeds, self.lm)
-                prefill_model, self._decode_bps, self._question_s, self._join_bps = speeds
+                prefill_model, self._speeds = speeds
                 self._prefill_model = prefill_model
                 self._prefill_tps = float(prefill_model.advertised()["prefill_tps"])
                 self._refresh_presence()
@@ -682,9 +680,8 @@ class Agent:
         }
         if self._prefill_model is not None:
             info.update(self._prefill_model.advertised())
-            info["decode_bps"] = round(self._decode_bps)
-            info["question_s"] = round(self._question_s, 4)
-            info["join_bps"] = round(self._join_bps)
+        if self._speeds is not None:
+            info.update(self._speeds.advertised())
         if self._store is not None:
             stats = self._store.statistics()
             info.update(cards=stats.entries, store_bytes=stats.bytes, store_budget=stats.budget)
@@ -794,7 +791,7 @@ class Agent:
                 result = await self._worker.run(
                     answer_card, self.lm, data, question, max_new, snapshot, self._calibrations
                 )
-                self._observe_answer(len(data), result, record.summary)
+                self._observe_answer(result, record.summary)
         finally:
             self._store.unpin(card_id)
         result.update(record.summary.as_dict())
@@ -808,20 +805,20 @@ class Agent:
             result["handoff_ttft_s"] = result["handoff_s"] + float(result["ttft_s"])
         return result
 
-    def _observe_answer(self, nbytes: int, result: Mapping[str, Any], summary: Any) -> None:
-        """A real card answer refines the advertised decode, question and join speeds (start-up cards are
-        small)."""
-        from .roles_answerer import PREFILL_EWMA_ALPHA as alpha
-
-        decode_s, head_s, ttft_s = (float(result[k]) for k in ("decode_s", "head_s", "ttft_s"))
-        if nbytes > 0 and decode_s > 0:
-            self._decode_bps = (1 - alpha) * self._decode_bps + alpha * nbytes / decode_s
-        if result.get("head_source") == "message" and head_s > 0:
-            joined = _kv_bytes_per_token(self.lm) * int(summary.context_tokens)
-            self._join_bps = (1 - alpha) * self._join_bps + alpha * joined / head_s
-        question_s = ttft_s - decode_s - head_s
-        if question_s > 0:
-            self._question_s = (1 - alpha) * self._question_s + alpha * question_s
+    def _observe_answer(self, result: Mapping[str, Any], summary: CardSummary) -> None:
+        """A real card answer refines the advertised card speeds (start-up cards are small)."""
+        if self._speeds is None:
+            return
+        joined = 0
+        if result.get("head_source") == "message":
+            joined = _kv_bytes_per_token(self.lm) * summary.context_tokens
+        self._speeds.observe(
+            summary,
+            decode_s=float(result["decode_s"]),
+            head_s=float(result["head_s"]),
+            ttft_s=float(result["ttft_s"]),
+            joined_bytes=joined,
+        )
 
     async def _head_for(self, card_id: str, record: Received) -> HeadResult | None:
         """The prefilled head of a split card, waiting for its prefill; None if it never came or failed."""
@@ -853,7 +850,7 @@ class Agent:
     async def _wait_for_card(self, card_id: str, wait_s: float) -> Received:
         from qkv import CardCompatError, CardFormatError
 
-        from .roles_answerer import CardSummary, TextSummary, summarise_card
+        from .roles_answerer import TextSummary, summarise_card
         from .roles_reader import decode_document
 
         assert self._store is not None
@@ -966,11 +963,11 @@ def _plain(snapshot: Any) -> dict[str, Any]:
     }
 
 
-def _measure_speeds(lm: Any) -> tuple[PrefillModel, float, float, float]:
-    """(prefill model, card decode bytes/s, question seconds, join bytes/s) of this node, at start."""
+def _measure_speeds(lm: Any) -> tuple[PrefillModel, CardSpeeds]:
+    """This node's prefill model and card speeds, at start."""
     from .roles_answerer import measure_card_answer, measure_prefill
 
-    return (measure_prefill(lm), *measure_card_answer(lm))
+    return measure_prefill(lm), measure_card_answer(lm)
 
 
 def _plan_chooser(config: NodeConfig, lm: Any) -> PlanChooser:

@@ -8,9 +8,10 @@ Inputs per (receiver, document), and where each comes from:
   :mod:`nodes.agent`) gives the first sample; until that arrives the first decision uses
   ``assumed_link_mbit`` from the config, and the decision says ``bandwidth: assumed``.
 * receiver prefill speed (``prefill_tps`` and the quadratic ``prefill_q``), card decode speed
-  (``decode_bps``), time from a ready cache to the first token (``question_s``), speed of joining a split's
-  head to its tail (``join_bps``) and RAM headroom (``headroom``): measured by the receiver at start (the
-  speeds refined by its real work) and advertised.
+  (``decode_bps``), how fast it turns a rotated card's values back (``rotate_bps``; absent from an older
+  node: ``DEFAULT_ROTATE_BYTES_PER_S``), time from a ready cache to the first token (``question_s``), speed
+  of joining a split's head to its tail (``join_bps``) and RAM headroom (``headroom``): measured by the
+  receiver at start (the speeds refined by its real work) and advertised.
 * the sender's own RAM headroom (its memory probe), the document's token count and text bytes.
 
 Receivers of another model (their advertised ``fingerprint`` differs) are outside the table, which was
@@ -36,6 +37,7 @@ from typing import Any, Final
 
 from edgebus import (
     DEFAULT_INJECT_BYTES_PER_S,
+    DEFAULT_ROTATE_BYTES_PER_S,
     BudgetPolicy,
     ConfigError,
     Decision,
@@ -199,6 +201,7 @@ class ReceiverView:
     prefill_tps: float
     prefill_q: float
     decode_bps: float
+    rotate_bps: float
     question_s: float
     join_bps: float
     bandwidth_bps: float | None  # None: not measured yet
@@ -227,6 +230,7 @@ def receiver_view(peer: PeerInfo, reader: str) -> ReceiverView:
         prefill_tps=_num(info, "prefill_tps"),
         prefill_q=_num(info, "prefill_q", 0.0),
         decode_bps=_num(info, "decode_bps"),
+        rotate_bps=_num(info, "rotate_bps", DEFAULT_ROTATE_BYTES_PER_S),
         question_s=_num(info, "question_s", 0.0),
         join_bps=_num(info, "join_bps", DEFAULT_INJECT_BYTES_PER_S),
         bandwidth_bps=_num(link, "bw") if samples > 0 else None,
@@ -364,6 +368,7 @@ class PlanChooser:
             decode_bytes_per_s=view.decode_bps,
             question_s=view.question_s,
             join_bytes_per_s=view.join_bps,
+            rotate_bytes_per_s=view.rotate_bps,
             context_tokens=doc.tokens,
             kv_bytes_per_token=doc.kv_bytes_per_token,
             text_bytes=doc.text_bytes,

@@ -30,6 +30,7 @@ from qkv import (
     prefill,
     prefill_head,
     read_card_info,
+    receive_card,
     split_head,
 )
 
@@ -58,6 +59,7 @@ class CardSummary:
     sender: str
     head_tokens: int = 0  # a split card: the head it lacks
     calibration: str | None = None  # a card of another model: the calibration it was translated with
+    rotated_fp16_bytes: int = 0  # a rotated card: the fp16 KV its decode turns back (0: not rotated)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -123,6 +125,7 @@ def summarise_card(
         sender=info.sender,
         head_tokens=0 if head is None else head.num_tokens,
         calibration=translated_with,
+        rotated_fp16_bytes=0 if info.rotation == "none" else info.fp16_bytes,
     )
 
 
@@ -260,25 +263,93 @@ def measure_prefill(lm: LoadedModel, sizes: tuple[int, ...] = PREFILL_PROBE_TOKE
     return PrefillModel.fit(samples)
 
 
-def measure_card_answer(lm: LoadedModel, tokens: int = 256) -> tuple[float, float, float]:
-    """(decode bytes/s, question seconds, join bytes/s) of this node answering from cards of the probe text.
+#: Decodes of each start-up probe card; the fastest counts (the first pays for cold caches, and a busy
+#: second core only ever adds time).
+DECODE_PROBE_REPEATS = 5
+#: Advertised when a rotated card decodes no slower than its unrotated twin (nothing measurable to undo).
+UNMEASURABLE_ROTATE_BPS = 1e12
 
-    The question seconds run from a ready cache to the first token (the question's prefill and one decode
-    step): a cost every representation pays after its context is in place. Join: a split card of the same
-    text answered with its head prefilled ahead; bytes are the whole context's fp16 KV, the unit the
-    policy counts in.
+
+@dataclass(kw_only=True)
+class CardSpeeds:
+    """How fast this node turns a received card into its first token: measured at start on probe cards,
+    advertised in presence (the senders' policy predicts with them) and refined by real answers.
+
+    ``decode_bps``: card bytes per second verified and decoded; ``rotate_bps``: fp16 KV bytes per second a
+    rotated card's values take to turn back (on top of its decode at ``decode_bps``); ``question_s``: from a
+    ready cache to the first token; ``join_bps``: whole-context fp16 KV bytes per second joining a split's
+    prefilled head to its tail.
+    """
+
+    decode_bps: float
+    rotate_bps: float
+    question_s: float
+    join_bps: float
+
+    def advertised(self) -> dict[str, float]:
+        return {
+            "decode_bps": round(self.decode_bps),
+            "rotate_bps": round(self.rotate_bps),
+            "question_s": round(self.question_s, 4),
+            "join_bps": round(self.join_bps),
+        }
+
+    def observe(
+        self, summary: CardSummary, *, decode_s: float, head_s: float, ttft_s: float, joined_bytes: int
+    ) -> None:
+        """One real answer from the card ``summary`` describes (``joined_bytes``: the fp16 KV joined to a
+        head sent ahead, 0 when there was none)."""
+        alpha = PREFILL_EWMA_ALPHA
+        if decode_s < 0 or head_s < 0 or ttft_s <= 0:
+            return  # not a timing this node took; nothing to learn from it
+        if summary.card_bytes > 0 and decode_s > 0:
+            if summary.rotated_fp16_bytes:
+                # What the plain decode speed does not explain is the rotation's (a faster-than-predicted
+                # decode says nothing about it).
+                unrotate_s = decode_s - summary.card_bytes / self.decode_bps
+                if unrotate_s > 0:
+                    bps = summary.rotated_fp16_bytes / unrotate_s
+                    self.rotate_bps = (1 - alpha) * self.rotate_bps + alpha * bps
+            else:
+                self.decode_bps = (1 - alpha) * self.decode_bps + alpha * summary.card_bytes / decode_s
+        if joined_bytes > 0 and head_s > 0:
+            self.join_bps = (1 - alpha) * self.join_bps + alpha * joined_bytes / head_s
+        question_s = ttft_s - decode_s - head_s
+        if question_s > 0:
+            self.question_s = (1 - alpha) * self.question_s + alpha * question_s
+
+
+def _fastest_decode_s(lm: LoadedModel, data: bytes) -> float:
+    return min(receive_card(lm, data).decode_s for _ in range(DECODE_PROBE_REPEATS))
+
+
+def measure_card_answer(lm: LoadedModel, tokens: int = 256) -> CardSpeeds:
+    """This node's :class:`CardSpeeds`, from cards of the probe text.
+
+    Decode: a plain and a rotated 4-bit card of the text, each decoded a few times; the rotated card's
+    extra time over what its bytes take at the plain speed is its rotation. The question seconds run from a
+    ready cache to the first token (the question's prefill and one decode step): a cost every
+    representation pays after its context is in place. Join: a split card of the same text answered with
+    its head prefilled ahead; bytes are the whole context's fp16 KV, the unit the policy counts in.
     """
     text = lm.tokenizer.decode(_probe_ids(lm, tokens))
     question = "What is this text about?"
     obs = observe(lm, text)
     whole = encode_observation(lm, obs, Budget(bits=4), context=text)
     answer = answer_from_card(lm, whole.data, question, max_new_tokens=1)
+    plain_s = _fastest_decode_s(lm, whole.data)
+    rotated = encode_observation(lm, obs, Budget(bits=4, rotation="hadamard-prerope"), context=text)
+    unrotate_s = _fastest_decode_s(lm, rotated.data) - plain_s * rotated.card_bytes / whole.card_bytes
+    rotated_fp16 = read_card_info(rotated.data).fp16_bytes
     split = encode_split(lm, text, Budget(bits=4), head_tokens=obs.snapshot.num_tokens // 2)
     assert split.head is not None
     joined = answer_from_card(lm, split.data, question, max_new_tokens=1, head=prefill_head(lm, split.head))
-    decode_bps = whole.card_bytes / max(answer.decode_s, 1e-9)
-    join_bps = obs.snapshot.fp16_bytes() / max(joined.head_s, 1e-9)
-    return decode_bps, answer.generation.ttft_s, join_bps
+    return CardSpeeds(
+        decode_bps=whole.card_bytes / max(plain_s, 1e-9),
+        rotate_bps=rotated_fp16 / unrotate_s if unrotate_s > 0 else UNMEASURABLE_ROTATE_BPS,
+        question_s=answer.generation.ttft_s,
+        join_bps=obs.snapshot.fp16_bytes() / max(joined.head_s, 1e-9),
+    )
 
 
 def measure_prefill_speed(lm: LoadedModel, tokens: int = PREFILL_PROBE_TOKENS[0]) -> float:

@@ -12,9 +12,10 @@ Size: ``bytes_per_token = kv_bytes_per_token * card_bytes / fp16_bytes`` (the ro
 whole-context fp16 KV bytes, headers and scales counted), so the ratio is the benchmark's own.
 
 Points are rounded (quality to 4 decimals) and Pareto-pruned: a point no better in quality than another
-that is no bigger is dropped (kv-raw, at fp16's quality and twice its bytes), and of equal points the first
-is kept. Conditions a node cannot make (``+reread``: a benchmark-only token ranking) are left out. When
-several result files hold one condition, the row with the most examples wins. Regenerate with one command::
+that is no bigger and no slower to decode (rotated codings decode slower) is dropped (kv-raw, at fp16's
+quality and twice its bytes), and of equal points the first is kept. Conditions a node cannot make
+(``+reread``: a benchmark-only token ranking) are left out. When several result files hold one condition,
+the row with the most examples wins. Regenerate with one command::
 
     edgebus policy table --from docs/results/quality_squad_issue2.json [--from MORE.json]
 """
@@ -68,21 +69,26 @@ def point_from_row(row: Mapping[str, Any], *, kv_bytes_per_token: int) -> RateQu
         quality=round(math.exp(-max(kl, 0.0)), QUALITY_DECIMALS),
         facts=budget.facts,
         condition=name,
+        rotated=budget.rotation != "none",
     )
 
 
 def pareto(points: Iterable[RateQualityPoint]) -> list[RateQualityPoint]:
-    """Points no other point beats: none at least as good in quality and no bigger (and better in one)."""
+    """Points no other point beats: none at least as good in quality and no bigger (and better in one),
+    and no slower to decode (a rotated card never beats an unrotated one: on a fast link its decode is the
+    larger part of the time)."""
     pool = list(points)
     kept: list[RateQualityPoint] = []
     for p in pool:
-        if any(k.bytes_per_token == p.bytes_per_token and k.quality == p.quality for k in kept):
+        same = (p.bytes_per_token, p.quality, p.rotated)
+        if any((k.bytes_per_token, k.quality, k.rotated) == same for k in kept):
             continue  # one condition under two names (kv-4 and uniform-4): keep the first
         dominated = any(
             q is not p
             and q.quality >= p.quality
             and q.bytes_per_token <= p.bytes_per_token
             and (q.quality > p.quality or q.bytes_per_token < p.bytes_per_token)
+            and (p.rotated or not q.rotated)
             for q in pool
         )
         if not dominated:

@@ -130,6 +130,39 @@ def test_predicted_ttft_follows_the_documented_model() -> None:
     assert decide["hybrid"].wire_bytes == 3_000 * n + 4 * n
 
 
+def rotated(point: RateQualityPoint, *, bpt: float, quality: float) -> RateQualityPoint:
+    return dataclasses.replace(point, bytes_per_token=bpt, quality=quality, rotated=True, condition="rot")
+
+
+def test_a_rotated_card_pays_for_turning_its_values_back() -> None:
+    plain = card(3, 5_800, 0.93)
+    rot = rotated(plain, bpt=5_790, quality=0.99)
+    x = inputs(bandwidth_bytes_per_s=1 * GBIT, question_s=0.1, rotate_bytes_per_s=0.7e9)
+    both = BudgetPolicy(RateQualityTable(points=(plain, rot)), PolicyConfig(quality_floor=0.9, split=False))
+    by_condition = {e.point.condition: e.ttft_s for e in both.estimates(x) if e.representation == "card"}
+    # Same decode and inject as the plain card for its bytes, plus the whole context's fp16 KV at 0.7 GB/s.
+    plain_s = 0.0001 + 5_800 * TOKENS / GBIT + 5_800 * TOKENS / 5e9 + KV * TOKENS / 0.5e9 + 0.1
+    rot_s = 0.0001 + 5_790 * TOKENS / GBIT + 5_790 * TOKENS / 5e9 + KV * TOKENS * (1 / 0.5e9 + 1 / 0.7e9)
+    rot_s += 0.1
+    assert math.isclose(by_condition[""], plain_s)
+    assert math.isclose(by_condition["rot"], rot_s)
+    # 34 ms more on 0.21 s: past the near tie, so the faster plain card wins despite its lower quality; a
+    # receiver that turns values back ten times faster makes it a tie the better card wins.
+    assert both.decide(x).condition == ""
+    assert both.decide(dataclasses.replace(x, rotate_bytes_per_s=7e9)).condition == "rot"
+
+
+def test_a_split_of_a_rotated_card_pays_for_its_tail_only() -> None:
+    rot = rotated(card(4, 6_445, 0.96), bpt=6_445, quality=0.96)
+    x = split_inputs(rotate_bytes_per_s=0.7e9)
+    d = BudgetPolicy(RateQualityTable(points=(rot,)), PolicyConfig(quality_floor=0.9)).decide(x)
+    assert d.representation == "split"
+    h, n = d.head_tokens, 4096
+    unrotated = dataclasses.replace(x, rotate_bytes_per_s=1e30)
+    plain = predict_split(rot, unrotated, h)["ttft_s"]
+    assert math.isclose(predict_split(rot, x, h)["ttft_s"] - plain, KV * (n - h) / 0.7e9, rel_tol=1e-9)
+
+
 def test_text_is_chosen_when_the_link_is_slow_and_the_context_short() -> None:
     d = policy().decide(inputs(bandwidth_bytes_per_s=0.001 * GBIT, context_tokens=20, text_bytes=80))
     assert d.representation == "text"

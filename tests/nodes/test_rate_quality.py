@@ -89,6 +89,26 @@ def test_pareto_drops_only_dominated_points() -> None:
     assert pareto(cards) == cards
 
 
+def test_a_rotated_point_never_prunes_an_unrotated_one(tmp_path: Path) -> None:
+    rows = [
+        {"condition": "kv-3", "n": 200, "kl_vs_text": 0.07, "card_bytes": 1.0, "fp16_bytes": 4.0},
+        {"condition": "uniform-3+rot+s1", "n": 200, "kl_vs_text": 0.03, "card_bytes": 0.99,
+         "fp16_bytes": 4.0},
+        {"condition": "uniform-4+rot+s1", "n": 200, "kl_vs_text": 0.01, "card_bytes": 1.2, "fp16_bytes": 4.0},
+        {"condition": "kv-4", "n": 200, "kl_vs_text": 0.02, "card_bytes": 1.3, "fp16_bytes": 4.0},
+        {"condition": "uniform-4+hrot", "n": 200, "kl_vs_text": 0.012, "card_bytes": 1.25, "fp16_bytes": 4.0},
+    ]  # fmt: skip
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    table, pruned = build_table([path], model="m", kv_bytes_per_token=KV)
+    rotated = {p.condition: p.rotated for p in table.points if p.representation == "card"}
+    # kv-3 is bigger and worse than the rotated 3-bit card, but decodes faster: both stay. kv-4 loses to
+    # nothing unrotated; the rotated uniform-4+hrot loses to the smaller, better rotated uniform-4+rot+s1.
+    assert rotated == {"kv-4": False, "uniform-4+rot+s1": True, "kv-3": False, "uniform-3+rot+s1": True}
+    assert [(p.condition, p.rotated) for p in pruned] == [("uniform-4+hrot", True)]
+    assert RateQualityTable.from_json(table.to_json()) == table
+
+
 def test_one_command_regenerates_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rq.json"
     shipped = RateQualityTable.load(shipped_table_path("smollm2-135m-instruct"))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from edgebus import PeerInfo, PolicyConfig, RateQualityTable
+from edgebus import DEFAULT_ROTATE_BYTES_PER_S, PeerInfo, PolicyConfig, RateQualityTable
 from nodes._errors import AskError
 from nodes.bench.rate_quality import shipped_table_path
 from nodes.reader_policy import (
@@ -118,6 +118,7 @@ def test_no_receiver_means_the_fixed_budget_for_whoever_joins() -> None:
         ({"prefill_tps": -1}, "prefill_tps"),
         ({"prefill_tps": 0}, "prefill_tokens_per_s"),  # the policy refuses a zero speed
         ({"decode_bps": "fast"}, "decode_bps"),
+        ({"rotate_bps": -5}, "rotate_bps"),
         ({"links": {"reader": [1, 2]}}, "links"),
         ({"links": {"reader": {"bw": float("nan"), "n": 1}}}, "bw"),
     ],
@@ -133,6 +134,9 @@ def test_receiver_view_reads_the_advertised_fields() -> None:
     view = receiver_view(peer(bw_mbit=50, prefill_q=1e-7), "reader")
     assert (view.bandwidth_bps, view.rtt_s, view.prefill_q) == (50 * MBIT, 0.001, 1e-7)
     assert receiver_view(peer(bw_mbit=None), "reader").bandwidth_bps is None
+    # A node from before rotated cards advertises no rotation speed: the policy's default stands in.
+    assert receiver_view(peer(), "reader").rotate_bps == DEFAULT_ROTATE_BYTES_PER_S
+    assert receiver_view(peer(rotate_bps=7e8), "reader").rotate_bps == 7e8
 
 
 def test_hysteresis_is_kept_per_receiver() -> None:
