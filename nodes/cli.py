@@ -199,12 +199,17 @@ def _bench_policy(args: argparse.Namespace) -> int:
     if unknown:
         print(f"edgebus bench policy: unknown alternative {unknown[0]!r}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if args.repeats < 1:
+        print("edgebus bench policy: --repeats must be at least 1", file=sys.stderr)
+        return EXIT_USER_ERROR
     config = PolicyBenchConfig(
         model=args.model,
         links_mbit=tuple(float(x) for x in args.links.split(",")),
         tokens=tuple(int(t) for t in args.tokens.split(",")),
         alternatives=alternatives,
         cap_s=args.cap,
+        repeats=args.repeats,
+        repeat_below_s=args.repeat_below,
         quality_floor=args.quality_floor,
     )
     run_policy_bench(args.json, args.plot, config=config)
@@ -512,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     bpolicy.add_argument("--tokens", default="1024,4096")
     bpolicy.add_argument("--alternatives", default=None, help="comma-separated subset (default: all)")
     bpolicy.add_argument("--cap", type=float, default=75.0, help="seconds per alternative before '> cap'")
+    bpolicy.add_argument("--repeats", type=int, default=3, help="interleaved rounds per context")
+    bpolicy.add_argument(
+        "--repeat-below", type=float, default=10.0, help="repeat only runs whose first TTFT is under this (s)"
+    )
     bpolicy.add_argument("--quality-floor", type=float, default=0.9)
     bpolicy.add_argument("--json", type=Path, default=None)
     bpolicy.add_argument("--plot", type=Path, default=None, help="PNG; one per context size (_1024, _4096)")

@@ -8,7 +8,7 @@ import pytest
 
 from edgebus import RateQualityPoint
 from nodes import cli
-from nodes.bench.policy import _cell, predicted_wire_bytes, summarise
+from nodes.bench.policy import _cell, _median_run, predicted_wire_bytes, summarise
 
 
 def _point(bits: float, bytes_per_token: float, quality: float) -> RateQualityPoint:
@@ -57,3 +57,19 @@ def test_summary_compares_the_policy_with_the_best_runs() -> None:
 def test_unknown_alternative_is_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "policy", "--alternatives", "card-4,carrier-pigeon"]) == cli.EXIT_USER_ERROR
     assert "carrier-pigeon" in capsys.readouterr().err
+
+
+def test_repeated_runs_report_the_median_run_whole() -> None:
+    runs = [run("card-4", 0.5, 0.98, answer="a"), run("card-4", 0.3, 0.98, answer="b"),
+            run("card-4", 0.4, 0.98, answer="c")]  # fmt: skip
+    median = _median_run(runs)
+    assert (median["ttft_s"], median["answer"]) == (0.4, "c")  # one run's fields, not a mix of runs
+    assert median["ttft_runs_s"] == [0.5, 0.3, 0.4]
+    assert _median_run(runs[:2])["ttft_s"] == 0.3  # an even count takes the lower middle
+    capped = run("card-8", None, 0.9999, predicted_transfer_s=120.0)
+    assert _median_run([capped]) is capped
+
+
+def test_repeats_below_one_is_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "policy", "--repeats", "0"]) == cli.EXIT_USER_ERROR
+    assert "--repeats" in capsys.readouterr().err
