@@ -41,6 +41,7 @@ from ._policy import (
     DEFAULT_INJECT_BYTES_PER_S,
     DEFAULT_ROTATE_BYTES_PER_S,
     HEAD_ID_BYTES,
+    KL_QUALITY_METRIC,
     BudgetPolicy,
     Decision,
     InvalidPolicyInput,
@@ -54,6 +55,7 @@ from ._policy import (
     Representation,
     balanced_head,
     predict_split,
+    split_quality,
 )
 from ._sdnotify import Notifier, WatchdogPinger
 from ._spool import DELIVERED_KEPT
@@ -64,6 +66,7 @@ __all__ = [
     "DEFAULT_ROTATE_BYTES_PER_S",
     "DELIVERED_KEPT",
     "HEAD_ID_BYTES",
+    "KL_QUALITY_METRIC",
     "AlreadyDelivered",
     "Announcement",
     "AnnouncementStream",
@@ -125,4 +128,5 @@ __all__ = [
     "new_hmac_key",
     "new_keypair",
     "predict_split",
+    "split_quality",
 ]

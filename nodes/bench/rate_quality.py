@@ -28,10 +28,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from edgebus import RateQualityPoint, RateQualityTable
+from edgebus import KL_QUALITY_METRIC, RateQualityPoint, RateQualityTable
 from nodes.bench.conditions import parse_condition
 
-METRIC: Final = "exp(-kl_vs_text)"
+METRIC: Final = KL_QUALITY_METRIC
 #: Decimals kept of a point's quality: KL below 1e-4 is numerical noise of the codec round trip.
 QUALITY_DECIMALS: Final = 4
 TABLE_SUFFIX: Final = "-rq.json"

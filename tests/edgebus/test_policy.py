@@ -15,6 +15,7 @@ from edgebus._cardstore import CardStore, CardStoreConfig
 from edgebus._errors import ConfigError
 from edgebus._memory import MemoryReading, ScriptedMemoryProbe
 from edgebus._policy import (
+    KL_QUALITY_METRIC,
     BudgetPolicy,
     Decision,
     InvalidPolicyInput,
@@ -25,6 +26,7 @@ from edgebus._policy import (
     RateQualityTable,
     balanced_head,
     predict_split,
+    split_quality,
 )
 
 MB = 1_000_000
@@ -365,6 +367,23 @@ def test_no_split_on_a_fast_link_or_for_a_short_context_on_a_slow_one() -> None:
     assert fast.representation == "card"  # the balancing head is below split_min_head
     slow = policy(split=True).decide(split_inputs(bandwidth_bytes_per_s=0.1 * MBIT, context_tokens=200))
     assert slow.representation == "text"  # the balancing head is nearly the whole context
+
+
+def test_under_the_kl_metric_a_split_counts_the_kl_of_its_tail_only() -> None:
+    low = card(2, 3_600, 0.80)  # under the floor as a whole card
+    kl_table = RateQualityTable(points=(low,), metric=KL_QUALITY_METRIC)
+    x = split_inputs(bandwidth_bytes_per_s=10 * MBIT)
+    config = PolicyConfig(quality_floor=0.85)
+    d = BudgetPolicy(kl_table, config).decide(x)
+    assert d.representation == "split"
+    tail = (4096 - d.head_tokens) / 4096
+    assert math.isclose(d.predicted_quality, 0.80**tail)  # exp(-KL * tail share)
+    assert d.predicted_quality >= 0.85 > low.quality
+    assert split_quality(low, 4096, 0, tail_kl=True) == 0.80  # no head: the card itself
+    assert split_quality(low, 4096, 4096, tail_kl=True) == 1.0  # all head: the text
+    # Under another metric nothing says how quality scales with the tail: the card's own, under the floor.
+    other = RateQualityTable(points=(low,), metric="f1_vs_text")
+    assert BudgetPolicy(other, config).decide(x).representation == "text"
 
 
 def test_split_quality_floor_and_receiver_ram_follow_the_card() -> None:

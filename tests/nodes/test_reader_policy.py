@@ -141,17 +141,17 @@ def test_receiver_view_reads_the_advertised_fields() -> None:
 
 def test_hysteresis_is_kept_per_receiver() -> None:
     c = chooser()
-    assert c.choose([peer("a", bw_mbit=20)], DOC_4K, fingerprint="fp")[0].plan.kind == "split"
-    # The slowest link at which a fresh receiver already gets a whole card (split no longer clearly faster).
+    assert c.choose([peer("a", bw_mbit=1000)], DOC_4K, fingerprint="fp")[0].plan.kind == "card"
+    # The fastest link at which a fresh receiver already gets a split (a whole card no longer clearly faster).
     mbit = next(
         m
-        for m in range(20, 1000, 5)
-        if chooser().choose([peer(bw_mbit=m)], DOC_4K, fingerprint="fp")[0].plan.kind == "card"
+        for m in range(1000, 20, -5)
+        if chooser().choose([peer(bw_mbit=m)], DOC_4K, fingerprint="fp")[0].plan.kind == "split"
     )
     fresh = c.choose([peer("b", bw_mbit=mbit)], DOC_4K, fingerprint="fp")[0]
     kept = c.choose([peer("a", bw_mbit=mbit)], DOC_4K, fingerprint="fp")[0]
-    assert fresh.plan.kind == "card"
-    assert kept.plan.kind == "split"  # receiver a had a split: not worth switching by the margin
+    assert fresh.plan.kind == "split"
+    assert kept.plan.kind == "card"  # receiver a had a card: not worth switching by the margin
     assert "kept previous choice" in kept.decision["reason"]
 
 
