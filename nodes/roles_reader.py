@@ -28,7 +28,7 @@ from qkv import (
     SplitHead,
     TranslateAt,
     encode_observation,
-    encode_split,
+    encode_split_observation,
     observe,
 )
 
@@ -159,12 +159,13 @@ def read_document(
         return ReadResult(plan=plan, text=text.encode("utf-8"), context_tokens=count_tokens(lm, text))
     budget = plan.budget
     assert budget is not None
+    cache = cache or PrefillCache()
+    obs = cache.observe(lm, text, budget.window)
     if plan.kind == "split":
-        # One more prefill: qkv.encode_split makes its own observation.
-        encoded = encode_split(lm, text, budget, head_tokens=plan.head_tokens, sender=sender)
+        encoded = encode_split_observation(
+            lm, obs, budget, head_tokens=plan.head_tokens, context=text, sender=sender
+        )
     else:
-        cache = cache or PrefillCache()
-        obs = cache.observe(lm, text, budget.window)
         encoded = encode_observation(
             lm,
             obs,

@@ -472,11 +472,33 @@ def encode_split(
     ``fp16_bytes`` and ``context_tokens`` stay the whole context's.
     """
     budget = budget or Budget()
+    _check_split(budget, head_tokens)
+    obs = observe(lm, context, window=budget.window if needs_attention(budget) else None)
+    return encode_split_observation(
+        lm, obs, budget, head_tokens=head_tokens, context=context, sender=sender, profile=profile
+    )
+
+
+def _check_split(budget: Budget, head_tokens: int) -> None:
     if isinstance(head_tokens, bool) or not isinstance(head_tokens, int) or head_tokens < 0:
         raise ValueError(f"head_tokens must be an int >= 0, got {head_tokens!r}")
     if head_tokens and budget.layers < 1.0:
         raise ValueError("a split card cannot use layer selection (budget.layers < 1)")
-    obs = observe(lm, context, window=budget.window if needs_attention(budget) else None)
+
+
+def encode_split_observation(
+    lm: LoadedModel,
+    obs: Observation,
+    budget: Budget,
+    *,
+    head_tokens: int,
+    context: str,
+    sender: str = "",
+    profile: SensitivityProfile | None = None,
+) -> EncodedContext:
+    """:func:`encode_split` from a context already observed (``obs``: its prefill, with the attention
+    statistics ``budget`` needs)."""
+    _check_split(budget, head_tokens)
     if head_tokens == 0:
         return encode_observation(lm, obs, budget, context=context, sender=sender, profile=profile)
     tail, head = tail_observation(obs, head_tokens)

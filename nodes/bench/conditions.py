@@ -19,10 +19,10 @@ scale and zero, ``32 / N`` bits per value, so ``uniform-2+g128`` stores 2.25 bit
 (:mod:`qkv._rotation`); ``+sN`` stores the first N tokens (attention sinks) in fp16 outside the groups. An
 adaptive base with either needs a profile calibrated with the same coding.
 
-``+head-F`` is the quality of a split hand-off whose head is the first fraction F of the prompt: those
-tokens go in fp16 outside the groups (per row, ``fp16_sinks`` = F x the prompt's tokens), where a split's
-receiver prefills them itself; fp16 KV answers as the text does (200/200 rows on SQuAD). Its card bytes
-count that head at fp16, where a split sends its ids: use it for quality, not for size.
+``+head-F`` is a split hand-off whose head is the first fraction F of the prompt (per row, rounded): the
+tail card under the condition's budget, answered with the head prefilled exactly, as a split's receiver
+does. Its bytes are the tail card's plus 4 per head token id. A split of a row, not a card: the policy's
+table leaves it out (the policy derives splits from card points).
 
 e.g. ``uniform-4+evict-0.25+obf``, ``adaptive-3+tokens+facts``, ``uniform-2+g128+evict-0.5``.
 """

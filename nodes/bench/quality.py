@@ -16,12 +16,13 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from edgebus import HEAD_ID_BYTES
 from nodes.bench.conditions import ISSUE2_CONDITIONS, Condition, parse_condition
 from nodes.bench.datasets import QARow, dataset_name, load_rows
 from nodes.bench.metrics import best_em, best_f1
@@ -34,11 +35,13 @@ from qkv import (
     answer_from_card,
     answer_logprobs,
     encode_observation,
+    encode_split_observation,
     extract_facts,
     generate_from_text,
     load_model,
     needs_attention,
     observe,
+    prefill_head,
     prefill_reread,
 )
 
@@ -148,14 +151,21 @@ def _run_row(
             else:
                 obs = reread_obs if cond.importance == "reread" else attn_obs
             assert obs is not None
-            budget = cond.budget
-            if cond.head_fraction is not None:
-                head = round(cond.head_fraction * len(parts.prefix_ids))
-                budget = replace(budget, fp16_sinks=budget.fp16_sinks + head)
-            enc = encode_observation(lm, obs, budget, context=row.context, profile=profile)
-            ans = answer_from_card(lm, enc.data, row.question, max_new_tokens=max_new_tokens)
+            if cond.head_fraction is None:
+                enc = encode_observation(lm, obs, cond.budget, context=row.context, profile=profile)
+                ans = answer_from_card(lm, enc.data, row.question, max_new_tokens=max_new_tokens)
+                wire = enc.card_bytes
+            else:
+                # A split hand-off as a receiver gets it: the head prefilled exactly, the tail card joined.
+                head_tokens = round(cond.head_fraction * len(parts.prefix_ids))
+                enc = encode_split_observation(
+                    lm, obs, cond.budget, head_tokens=head_tokens, context=row.context, profile=profile
+                )
+                head = None if enc.head is None else prefill_head(lm, enc.head)
+                ans = answer_from_card(lm, enc.data, row.question, max_new_tokens=max_new_tokens, head=head)
+                wire = enc.card_bytes + HEAD_ID_BYTES * head_tokens
             gen = ans.generation
-            record.update(card_bytes=enc.card_bytes, fp16_bytes=enc.fp16_bytes, ttft_s=ans.ttft_s)
+            record.update(card_bytes=wire, fp16_bytes=enc.fp16_bytes, ttft_s=ans.ttft_s)
             lp = None
             if target:
                 facts = ans.card.meta.facts or None

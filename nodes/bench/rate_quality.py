@@ -56,8 +56,9 @@ def point_from_row(row: Mapping[str, Any], *, kv_bytes_per_token: int) -> RateQu
     if not isinstance(name, str) or kl is None or not card or not fp16:
         return None
     condition = parse_condition(name)
-    if condition.budget is None or condition.importance != "window":
+    if condition.budget is None or condition.importance != "window" or condition.head_fraction is not None:
         # +reread ranks tokens by a second prefill only the benchmark does: a node cannot make that card.
+        # +head-F is a split at one head fraction: the policy derives splits from the card points.
         return None
     budget = condition.budget
     return RateQualityPoint(

@@ -25,6 +25,7 @@ from qkv import (
     encode_card,
     encode_context,
     encode_split,
+    encode_split_observation,
     observe,
     prefill,
     prefill_head,
@@ -349,19 +350,28 @@ def test_split_4_bit_answers_at_least_as_well_as_full_4_bit_on_smollm2(real_lm):
         assert split.card_bytes < 0.52 * full.card_bytes
 
 
-def test_a_card_with_its_head_in_fp16_answers_like_the_split_it_stands_for(tiny_lm):
-    """The quality bench's ``+head-F`` condition: a whole card whose first h tokens are fp16 (outside the
-    groups) gives the receiver what a split with a prefilled head of h tokens gives it."""
+def test_a_split_from_an_observation_is_the_split_from_the_text(tiny_lm):
+    """The reader and the quality bench make splits from a prefill they already hold: the same tail KV,
+    head ids and answer as ``encode_split``'s own prefill."""
+    budget = Budget(bits=2, group_size=128, rotation="hadamard-prerope")
     parts = _parts(tiny_lm)
     target = answer_from_text(tiny_lm, CONTEXT, QUESTION).token_ids
-    tail = {"bits": 2, "group_size": 128, "rotation": "hadamard-prerope"}
-    split = encode_split(tiny_lm, CONTEXT, Budget(**tail), head_tokens=HEAD)  # type: ignore[arg-type]
-    stand_in = encode_context(tiny_lm, CONTEXT, Budget(**tail, fp16_sinks=HEAD))  # type: ignore[arg-type]
-    whole = encode_context(tiny_lm, CONTEXT, Budget(**tail))  # type: ignore[arg-type]
-    from_split = answer_logprobs(tiny_lm, _joined(tiny_lm, split.data), parts.suffix_ids, target)
-    from_stand_in = answer_logprobs(tiny_lm, decode_card(stand_in.data).snapshot, parts.suffix_ids, target)
-    from_whole = answer_logprobs(tiny_lm, decode_card(whole.data).snapshot, parts.suffix_ids, target)
-    gap = (from_split - from_stand_in).abs().max().item()
-    assert gap < 5e-3
-    # Not trivially close: coding the head at 2 bits too moves the answer by much more.
-    assert (from_split - from_whole).abs().max().item() > 10 * gap + 1e-2
+    own = encode_split(tiny_lm, CONTEXT, budget, head_tokens=HEAD)
+    held = encode_split_observation(
+        tiny_lm, observe(tiny_lm, CONTEXT), budget, head_tokens=HEAD, context=CONTEXT
+    )
+    assert own.head is not None
+    assert held.head is not None
+    assert held.head.token_ids == own.head.token_ids
+    assert (held.card_bytes, held.context_tokens, held.fp16_bytes) == (
+        own.card_bytes,
+        own.context_tokens,
+        own.fp16_bytes,
+    )
+    from_own = answer_logprobs(tiny_lm, _joined(tiny_lm, own.data), parts.suffix_ids, target)
+    from_held = answer_logprobs(tiny_lm, _joined(tiny_lm, held.data), parts.suffix_ids, target)
+    assert torch.equal(from_own, from_held)
+    with pytest.raises(ValueError, match="layer selection"):
+        encode_split_observation(
+            tiny_lm, observe(tiny_lm, CONTEXT), Budget(layers=0.5), head_tokens=HEAD, context=CONTEXT
+        )
