@@ -123,7 +123,15 @@ async def test_relay_chain_and_restart(tiny_lm: Any, tiny_model_dir: Path, tmp_p
         targets = [_target(r_ready, keys, "reader"), _target(a_ready, keys, "answerer")]
         async with connect(targets, keys=client_keys(keys)) as client:
             assert client.nodes == ["answerer", "reader"]
-            await reader_sees(client, lambda peers: {"relay", "answerer"} <= peers.keys())
+            # Receivers advertise the card speeds they measured at start (the reader's policy reads them).
+            speeds = ("decode_bps", "rotate_bps", "question_s", "join_bps")
+            await reader_sees(
+                client,
+                lambda peers: (
+                    {"relay", "answerer"} <= peers.keys()
+                    and all(peers["answerer"].get(k, 0) > 0 for k in speeds)
+                ),
+            )
             sent = await client.request("reader", {"op": "read", "text": DOCUMENT}, timeout_s=60)
             direct = await client.request(
                 "answerer",
