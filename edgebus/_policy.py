@@ -614,9 +614,8 @@ class BudgetPolicy:
             reason += f"; previous {previous.describe()} no longer feasible or on time"
         elif kept is not None and kept is not best:
             faster = best.ttft_s < kept.ttft_s * (1 - cfg.switch_margin)
-            better = best.quality > kept.quality + cfg.quality_margin and best.ttft_s <= kept.ttft_s * (
-                1 + cfg.near_tie
-            )
+            not_slower = best.ttft_s <= kept.ttft_s * (1 + cfg.near_tie)
+            better = best.quality > kept.quality + cfg.quality_margin and not_slower
             if not (faster or better):
                 chosen = kept
                 reason = f"kept previous choice; {_describe_estimate(best)} not better by the switch margin"

@@ -182,8 +182,9 @@ def _policy_table(args: argparse.Namespace) -> int:
     table, pruned = build_table(args.results, model=args.model, kv_bytes_per_token=kv)
     out = args.out or shipped_table_path(args.model)
     table.save(out)
-    columns = ["representation", "condition", "bits", "keep", "layers", "bytes_per_token", "quality"]
-    columns.append("rotated")
+    columns = (
+        "representation", "condition", "bits", "keep", "layers", "bytes_per_token", "quality", "rotated",
+    )  # fmt: skip
     print(format_table([dataclasses.asdict(p) for p in table.points], columns))
     for point in pruned:
         print(f"pruned (another is no bigger, no slower to decode and at least as good): {point.condition}")

@@ -299,9 +299,9 @@ class CardSpeeds:
     ) -> None:
         """One real answer from the card ``summary`` describes (``joined_bytes``: the fp16 KV joined to a
         head sent ahead, 0 when there was none)."""
-        alpha = PREFILL_EWMA_ALPHA
         if decode_s < 0 or head_s < 0 or ttft_s <= 0:
             return  # not a timing this node took; nothing to learn from it
+        alpha = PREFILL_EWMA_ALPHA
         if summary.card_bytes > 0 and decode_s > 0:
             if summary.rotated_fp16_bytes:
                 # What the plain decode speed does not explain is the rotation's (a faster-than-predicted
@@ -335,20 +335,20 @@ def measure_card_answer(lm: LoadedModel, tokens: int = 256) -> CardSpeeds:
     text = lm.tokenizer.decode(_probe_ids(lm, tokens))
     question = "What is this text about?"
     obs = observe(lm, text)
+    fp16 = obs.snapshot.fp16_bytes()  # what a whole card of the text decodes into
     whole = encode_observation(lm, obs, Budget(bits=4), context=text)
     answer = answer_from_card(lm, whole.data, question, max_new_tokens=1)
     plain_s = _fastest_decode_s(lm, whole.data)
     rotated = encode_observation(lm, obs, Budget(bits=4, rotation="hadamard-prerope"), context=text)
     unrotate_s = _fastest_decode_s(lm, rotated.data) - plain_s * rotated.card_bytes / whole.card_bytes
-    rotated_fp16 = read_card_info(rotated.data).fp16_bytes
     split = encode_split(lm, text, Budget(bits=4), head_tokens=obs.snapshot.num_tokens // 2)
     assert split.head is not None
     joined = answer_from_card(lm, split.data, question, max_new_tokens=1, head=prefill_head(lm, split.head))
     return CardSpeeds(
         decode_bps=whole.card_bytes / max(plain_s, 1e-9),
-        rotate_bps=rotated_fp16 / unrotate_s if unrotate_s > 0 else UNMEASURABLE_ROTATE_BPS,
+        rotate_bps=fp16 / unrotate_s if unrotate_s > 0 else UNMEASURABLE_ROTATE_BPS,
         question_s=answer.generation.ttft_s,
-        join_bps=obs.snapshot.fp16_bytes() / max(joined.head_s, 1e-9),
+        join_bps=fp16 / max(joined.head_s, 1e-9),
     )
 
 

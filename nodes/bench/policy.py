@@ -161,7 +161,11 @@ async def _drive(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 async def _run_once(
-    client: Any, ctx: Mapping[str, Any], name: str, spec: Mapping[str, Any], points: Mapping[str, Any]
+    client: Any,
+    ctx: Mapping[str, Any],
+    name: str,
+    spec: Mapping[str, Any],
+    points: Mapping[str, RateQualityPoint],
 ) -> dict[str, Any]:
     """One read of ``ctx`` (the policy's, or an alternative's) and one answer from what arrived."""
     from nodes._errors import NodeError

@@ -31,7 +31,6 @@ from typing import Any, Final
 from edgebus import KL_QUALITY_METRIC, RateQualityPoint, RateQualityTable
 from nodes.bench.conditions import parse_condition
 
-METRIC: Final = KL_QUALITY_METRIC
 #: Decimals kept of a point's quality: KL below 1e-4 is numerical noise of the codec round trip.
 QUALITY_DECIMALS: Final = 4
 TABLE_SUFFIX: Final = "-rq.json"
@@ -129,7 +128,7 @@ def build_table(
     )
     pruned = [p for p in points if p not in kept]
     table = RateQualityTable(
-        points=(*kept, text), model=model, metric=METRIC, source=source, dominated=tuple(pruned)
+        points=(*kept, text), model=model, metric=KL_QUALITY_METRIC, source=source, dominated=tuple(pruned)
     )
     return table, pruned
 
