@@ -5,8 +5,6 @@
   (the "any local Hugging Face directory" path). Needs no download; loads in about a second.
 * ``real_lm``: SmolLM2-135M-Instruct from the local model store; skips (with the command to fix it) when the
   model has not been pulled.
-* ``shared_data``: the evaluation data directory ``../shared/data`` next to the repository root; skips
-  when it is absent.
 """
 
 from __future__ import annotations
@@ -17,9 +15,6 @@ from typing import NoReturn
 
 import pytest
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 # Special tokens first so their ids are small and fixed; ChatML markers make the chatml template apply.
 TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -125,10 +120,3 @@ def real_lm():  # type: ignore[no-untyped-def]
         return load_model(DEFAULT_MODEL, device="cpu")
     except ModelNotPulledError as exc:
         missing(f"{exc} (tests marked `model` need it)")
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        missing(f"evaluation data not found at {SHARED_DATA}")
-    return SHARED_DATA

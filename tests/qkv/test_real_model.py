@@ -1,17 +1,17 @@
 """SmolLM2-135M-Instruct from the store: an uncompressed KV hand-off is the text baseline, token for token.
 
-Needs ``edgebus models pull smollm2-135m-instruct`` once (the ``real_lm`` fixture skips otherwise) and the
-evaluation data in ``../shared/data`` (the ``shared_data`` fixture skips otherwise).
+Needs ``edgebus models pull smollm2-135m-instruct`` once (the ``real_lm`` fixture skips otherwise); the
+contexts are the repository's bundled sample.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from nodes.demo import sample_rows
 from qkv._hf import answer_logprobs, generate_from_snapshot, generate_from_text, prefill
 from qkv._modelstore import MANIFEST_NAME
 
@@ -19,30 +19,16 @@ from qkv._modelstore import MANIFEST_NAME
 pytestmark = [pytest.mark.model, pytest.mark.timeout(1200)]
 
 
-def _squad_rows(shared_data: Path, count: int) -> list[dict[str, object]]:
-    """The first ``count`` rows with distinct contexts."""
-    seen: set[str] = set()
-    rows = []
-    with (shared_data / "squad_v1.1_dev.jsonl").open(encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            if row["context"] not in seen:
-                seen.add(row["context"])
-                rows.append(row)
-            if len(rows) == count:
-                break
-    return rows
-
-
-def test_kv_raw_generates_exactly_the_text_tokens(real_lm, shared_data):
-    for row in _squad_rows(shared_data, 3):
-        parts = real_lm.template.split(real_lm.tokenizer, str(row["context"]), str(row["question"]))
+def test_kv_raw_generates_exactly_the_text_tokens(real_lm):
+    # The repository's bundled sample (nodes/sample/SOURCES.md): two SQuAD rows and a NarrativeQA one.
+    for row in sample_rows(3):
+        parts = real_lm.template.split(real_lm.tokenizer, row.context, row.question)
         snapshot = prefill(real_lm, parts.prefix_ids, template_prefix_tokens=parts.template_prefix_tokens)
         kv = generate_from_snapshot(real_lm, snapshot, parts.suffix_ids)
         text = generate_from_text(real_lm, parts.prefix_ids, parts.suffix_ids)
-        assert kv.token_ids == text.token_ids, row["id"]
+        assert kv.token_ids == text.token_ids, row.id
         assert kv.text == text.text
-        assert kv.text, f"empty answer for {row['id']}"
+        assert kv.text, f"empty answer for {row.id}"
 
         # Teacher-forced along the answer: the two conditions give the same distributions.
         from_kv = answer_logprobs(real_lm, snapshot, parts.suffix_ids, kv.token_ids)
