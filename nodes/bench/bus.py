@@ -12,6 +12,11 @@ Rows (sender/server in a child process, receiver/client in this one, both sides 
                   DEALER/ROUTER echo (both ends asyncio, as the bus's; before 2026-11-23 the raw server
                   was a blocking poll loop, which answers about 0.1 ms sooner here).
                   Target: bus p99 <= 2x raw p99.
+* ``control-busy`` the same requests, one in flight at a time, while the same bus pulls the card from the
+                  same peer; the baseline is that bus idle (not raw zmq): how much a big transfer delays
+                  control traffic. No target in the issue; reported as measured.
+* ``control-busy-1gbit`` the same with the pull paced at 125 MB/s (a gigabit LAN) by the receiver's
+                  token bucket, so the transfer does not take every CPU cycle of the machine.
 
 Times are wall clock from the first request to the last byte in the receiver's hands (for the bus: the
 verified card as one buffer). Each card row is measured ``repeats`` times, raw and bus interleaved (order
@@ -54,6 +59,8 @@ CHUNK = 1 << 20
 RPC_COUNT = 1000
 REPEATS = 5
 CARD_ID = "bench-card"
+#: The ``control-busy-1gbit`` row's pull rate: a gigabit LAN's payload bytes per second.
+GBIT_BYTES_PER_S = 125e6
 
 
 def _keys(directory: Path, name: str) -> BusKeys:
@@ -353,6 +360,68 @@ async def _control_row(tmp: Path, repeats: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
+async def _rpc_while(bus: Bus, busy: asyncio.Future[Any]) -> list[float]:
+    """Sequential request round trips until ``busy`` is done (at least one); their latencies in seconds."""
+    payload = {"blob": b"x" * 100}
+    samples = []
+    while True:
+        t = time.perf_counter()
+        await bus.request("server", payload)
+        samples.append(time.perf_counter() - t)
+        if busy.done():
+            return samples
+
+
+async def _control_busy_row(
+    tmp: Path, card_mib: int, repeats: int, *, rate_bytes_per_s: float | None = None
+) -> dict[str, Any]:
+    """Request latency while the same bus pulls a card from the same peer, against the same bus idle.
+
+    Each round opens a fresh receiver (a card is delivered once per spool), takes idle samples, then keeps
+    one request in flight for as long as the fetch runs. The baseline is this bus, not raw zmq: the row
+    asks how much a transfer delays control traffic, which runs on its own sockets. ``rate_bytes_per_s``
+    paces the pull with the receiver's token bucket (``BusConfig.rate_limit_bps``), as a LAN link would.
+    """
+    loop = asyncio.get_running_loop()
+    proc, conn = _spawn(_bus_server, None, card_mib, str(tmp / "s"))
+    idle: list[float] = []
+    busy: list[float] = []
+    card_s: list[float] = []
+    try:
+        endpoint = await loop.run_in_executor(None, conn.recv)
+        for run in range(2 * repeats):
+            cfg = BusConfig(
+                node_id="client", spool_dir=tmp / f"r{run}", bind=None, insecure=True,
+                connect=(PeerAddress(endpoint=endpoint),), rate_limit_bps=rate_bytes_per_s,
+            )  # fmt: skip
+            async with Bus(cfg) as bus:
+                ann = await anext(bus.announcements("bench/"))
+                await bus.wait_for_peer("server", timeout=10)
+                for _ in range(RPC_COUNT // (2 * repeats)):
+                    t = time.perf_counter()
+                    await bus.request("server", {"blob": b"x" * 100})
+                    idle.append(time.perf_counter() - t)
+                start = time.perf_counter()
+                fetch = asyncio.ensure_future(bus.fetch_card(ann))
+                try:
+                    busy += await _rpc_while(bus, fetch)
+                finally:
+                    (await fetch).release()
+                card_s.append(time.perf_counter() - start)
+    finally:
+        _stop(proc, conn)
+    idle_p50, idle_p99 = _percentiles(idle)
+    busy_p50, busy_p99 = _percentiles(busy)
+    return {
+        "row": "control-busy" if rate_bytes_per_s is None else "control-busy-1gbit",
+        "count": len(busy), "idle_count": len(idle),
+        "busy_p50_us": busy_p50 * 1e6, "busy_p99_us": busy_p99 * 1e6,
+        "idle_p50_us": idle_p50 * 1e6, "idle_p99_us": idle_p99 * 1e6,
+        "ratio": busy_p99 / idle_p99, "card_gbps": (card_mib << 20) / statistics.median(card_s) / 1e9,
+        "target": "(measured)",
+    }  # fmt: skip
+
+
 async def _run(card_mib: int, repeats: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmpname:
@@ -363,6 +432,10 @@ async def _run(card_mib: int, repeats: int) -> list[dict[str, Any]]:
             rows.append(await _card_row(name, keys, card_mib, tmp / name, repeats))
         rows.append(await _card_row("card-floor", None, card_mib, tmp / "floor", repeats, floor=True))
         rows.append(await _control_row(tmp, repeats))
+        rows.append(await _control_busy_row(tmp / "busy", card_mib, repeats))
+        rows.append(
+            await _control_busy_row(tmp / "busy-lan", card_mib, repeats, rate_bytes_per_s=GBIT_BYTES_PER_S)
+        )
     return rows
 
 
@@ -371,16 +444,20 @@ def run_bus_bench(
 ) -> list[dict[str, Any]]:
     """Run every row, print a table, optionally write the rows as JSON; returns the rows."""
     rows = asyncio.run(_run(card_mib, repeats))
-    print(f"{'row':<12} {'edgebus':>22} {'raw pyzmq':>22} {'ratio':>7}  {'target':<14} receiver CPU")
+    print(f"{'row':<18} {'edgebus':>22} {'raw pyzmq':>22} {'ratio':>7}  {'target':<14} receiver CPU")
     for r in rows:
         cpu = ""
         if r["row"] == "control":
             bus = f"p50 {r['bus_p50_us']:.0f} p99 {r['bus_p99_us']:.0f} us"
             raw = f"p50 {r['raw_p50_us']:.0f} p99 {r['raw_p99_us']:.0f} us"
+        elif r["row"].startswith("control-busy"):
+            bus = f"p50 {r['busy_p50_us']:.0f} p99 {r['busy_p99_us']:.0f} us"
+            raw = f"idle p50 {r['idle_p50_us']:.0f} p99 {r['idle_p99_us']:.0f}"
+            cpu = f"card {r['card_gbps']:.2f} GB/s meanwhile"
         else:
             bus, raw = f"{r['bus_gbps']:.2f} GB/s", f"{r['raw_gbps']:.2f} GB/s"
             cpu = f"bus {r['bus_cpu_ms']:.0f} ms, raw {r['raw_cpu_ms']:.0f} ms"
-        print(f"{r['row']:<12} {bus:>22} {raw:>22} {r['ratio']:>7.2f}  {r['target']:<14} {cpu}")
+        print(f"{r['row']:<18} {bus:>22} {raw:>22} {r['ratio']:>7.2f}  {r['target']:<14} {cpu}")
     if json_out is not None:
         json_out.write_text(json.dumps(rows, indent=2))
     return rows
