@@ -82,7 +82,7 @@ SPOOL_WORKERS: Final = 2
 #: libzmq I/O threads per bus, and which one serves a socket's connections (ZMQ_AFFINITY bit masks): card
 #: chunks (data ROUTER/DEALER) on one, control, presence and announcements on the other. With one shared
 #: I/O thread a request sent during a 64 MiB loopback pull waits behind chunk I/O at both ends: round-trip
-#: p50 1.0-3.8 ms (median 2.6, 8 runs) against 1.1-2.0 ms (median 1.5, 7 runs) with two, interleaved in
+#: p50 1.0-3.8 ms (median 2.8, 8 runs) against 1.1-2.0 ms (median 1.5, 7 runs) with two, interleaved in
 #: one session; card throughput the same. The p99 (7-15 ms) is CPU contention and did not change.
 IO_THREADS: Final = 2
 BULK_AFFINITY: Final = 1 << 0
