@@ -36,8 +36,9 @@ Contracts:
   keeps its verified chunks in the spool and resumes after restart), persists the store atomically if
   configured, sends STOPPING=1 and closes the bus.
 * **Events**: with ``events`` on, one JSON object per line on stdout (``ready``, ``card_published``,
-  ``card_received``, ``card_relayed``, ``card_rejected``, ``decision``, ``head_prefilled``, ``link_probed``,
-  ``stopping``, ``stopped``): how tests and the demo follow a node without sleeping.
+  ``card_received``, ``card_relayed``, ``card_rejected``, ``card_pulled_on_demand``, ``decision``,
+  ``head_prefilled``, ``link_probed``, ``stopping``, ``stopped``): how tests and the demo follow a node
+  without sleeping.
 """
 
 from __future__ import annotations
@@ -183,6 +184,10 @@ class Agent:
         # Announced ids already taken up, oldest first; bounded (SEEN_KEPT) so months of announcements do
         # not grow it: a forgotten id announced again is refused by the bus's delivered log, not re-fetched.
         self._seen: dict[str, None] = {}
+        # Announcements addressed to other receivers, kept (bounded like _seen) so that an ask naming one
+        # pulls it on demand: addressing says who pulls unasked, not who may read (a receiver that joined
+        # after the reader decided was left out of the address).
+        self._not_ours: dict[str, tuple[Announcement, Handler]] = {}
         self._arrived = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._work: set[asyncio.Task[Any]] = set()
@@ -342,7 +347,12 @@ class Agent:
                 if addressed is not None and (
                     not isinstance(addressed, list) or self.config.name not in addressed
                 ):
-                    continue  # another receiver's hand-off (or a malformed list: not ours either)
+                    # Another receiver's hand-off (or a malformed list: not ours either): pulled only if
+                    # asked for (_pull_on_demand).
+                    self._not_ours[ann.card_id] = (ann, handle)
+                    if len(self._not_ours) > SEEN_KEPT:
+                        del self._not_ours[next(iter(self._not_ours))]
+                    continue
                 self._spawn(self._receive(ann, handle), f"fetch-{ann.card_id[:8]}", work=True)
 
     async def _receive(self, ann: Announcement, handle: Handler) -> None:
@@ -515,7 +525,7 @@ class Agent:
     async def _relay(self, ann: Announcement, data: bytes) -> None:
         from qkv import CardError
 
-        from .roles_relay import relay_card
+        from .roles_relay import relay_card, relayed_meta
 
         relay = self.config.relay
         assert relay is not None
@@ -539,8 +549,7 @@ class Agent:
                 self._rejected += 1
                 self.events.emit("card_rejected", card=ann.card_id, sender=ann.sender, error=str(exc))
                 return
-        meta = dict(ann.meta)
-        meta.update(hops=out.hops, bits=out.bits, card_bytes=len(out.data), source=ann.card_id)
+        meta = relayed_meta(ann.meta, card_id=ann.card_id, out=out)
         card_id = await self._bus.publish_card(relay.out_topic, out.data, card_id=out.card_id, meta=meta)
         self._published += 1
         self.events.emit(
@@ -855,6 +864,7 @@ class Agent:
 
         assert self._store is not None
         deadline = time.monotonic() + wait_s
+        self._pull_on_demand(card_id)
         while True:
             record = self._received.get(card_id)
             if record is not None:
@@ -890,6 +900,24 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
                     await waiter.wait()
+
+    def _pull_on_demand(self, card_id: str) -> None:
+        """Start pulling ``card_id`` (and its split head) if it was announced for other receivers only."""
+        wanted = [
+            key
+            for key, (ann, _) in self._not_ours.items()
+            if key == card_id or (ann.meta.get("rep") == "head" and ann.meta.get("tail") == card_id)
+        ]
+        # A split's head first, so its prefill starts while the tail card is still in flight.
+        wanted.sort(key=lambda key: key == card_id)
+        for key in wanted:
+            ann, handle = self._not_ours.pop(key)
+            addressed = ann.meta.get("for")
+            if not isinstance(addressed, list) or not all(isinstance(a, str) for a in addressed):
+                addressed = None  # untrusted metadata: printed only when it is a list of names
+            log.info("card %s was addressed to %s: pulled on demand", key, addressed)
+            self.events.emit("card_pulled_on_demand", card=key, addressed=addressed)
+            self._spawn(self._receive(ann, handle), f"fetch-{key[:8]}", work=True)
 
     def _wake_waiters(self) -> None:
         self._arrived.set()

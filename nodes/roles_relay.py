@@ -12,6 +12,7 @@ sent layers would then depend on layers that never saw the context.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,3 +91,15 @@ def relay_card(
         hops=len(hops_before) + 1,
         bits=width,
     )
+
+
+#: Announcement fields that describe the incoming hand-off, not the relayed card: the receivers the reader
+#: addressed (the relayed card is for whoever subscribes to the relay's topic), and a split's parts.
+INCOMING_ONLY_META = frozenset({"for", "rep", "tail"})
+
+
+def relayed_meta(incoming: Mapping[str, Any], *, card_id: str, out: RelayedCard) -> dict[str, Any]:
+    """The announcement metadata of a relayed card: the incoming card's, less its addressing, plus the hop."""
+    meta = {k: v for k, v in incoming.items() if k not in INCOMING_ONLY_META}
+    meta.update(hops=out.hops, bits=out.bits, card_bytes=len(out.data), source=card_id)
+    return meta

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,21 @@ async def _wait_partial(spool: Path, at_least: int, timeout_s: float = 60) -> No
             await asyncio.sleep(0.05)
 
 
+async def _reader_sees(
+    lab: NetnsLab, host: Host, keys: Path, targets: dict[str, str], names: set[str], timeout_s: float = 30.0
+) -> None:
+    """Poll the reader's status until it lists ``names`` as peers: it addresses a card to the receivers it
+    sees when it reads, so a read issued before a receiver's first presence leaves that receiver out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        (status,) = await _drive(lab, host, keys, targets, [["reader", {"op": "status"}]])
+        seen = {p["node"] for p in status["peers"]}
+        if names <= seen:
+            return
+        assert time.monotonic() < deadline, f"the reader saw only {sorted(seen)} within {timeout_s} s"
+        await asyncio.sleep(0.2)
+
+
 async def test_handoff_and_relay_across_three_hosts(
     chain: Chain, fleet_dir: Path, tiny_model_dir: Path, tiny_lm: Any
 ) -> None:
@@ -171,6 +187,7 @@ async def test_handoff_and_relay_across_three_hosts(
         await asyncio.gather(*(p.ready() for p in procs))
         relay = procs[1]
         targets = {"reader": _ep(READER_IP), "answerer": _ep("127.0.0.1")}
+        await _reader_sees(lab, chain.answerer, keys, targets, {"relay", "answerer"})
         (sent,) = await _drive(
             lab, chain.answerer, keys, targets, [["reader", {"op": "read", "text": document}]]
         )

@@ -186,3 +186,58 @@ async def test_relay_chain_and_restart(tiny_lm: Any, tiny_model_dir: Path, tmp_p
         assert again.count("card_received", lambda e: e["card"] == sent["card"]) == 0
         delivered = (tmp_path / "answerer" / "spool" / "delivered.log").read_text().split()
         assert delivered.count(sent["card"]) == 1
+
+
+@pytest.mark.timeout(150)
+async def test_a_receiver_that_joins_after_the_read_pulls_the_card_when_asked(
+    tiny_lm: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # The reader addresses a card to the receivers it sees when it reads; one that connects afterwards is
+    # not in the address, and must still answer when asked about that card (it pulls it then).
+    keys = write_fleet_keys(tmp_path / "keys", ("reader", "answerer", "late", "client"))
+    ep = {name: f"tcp://127.0.0.1:{free_port_base()}" for name in ("reader", "answerer", "late")}
+    reader_cfg = node_config(
+        tmp_path, "reader", tiny_model_dir, keys, roles=["reader"], bind=ep["reader"],
+        reader={"topic": "kv/reader", "bits": 4},
+    )  # fmt: skip
+    answerer = {"topics": "kv/", "persist": False, "max_new_tokens": 8}
+    early_cfg, late_cfg = (
+        node_config(
+            tmp_path,
+            name,
+            tiny_model_dir,
+            keys,
+            roles=["answerer"],
+            bind=ep[name],
+            peers=[(ep["reader"], "reader")],
+            answerer=answerer,
+        )
+        for name in ("answerer", "late")
+    )
+    async with node_group() as nodes:
+        reader, early = await asyncio.gather(
+            NodeProcess.start("reader", reader_cfg, env=ENV),
+            NodeProcess.start("answerer", early_cfg, env=ENV),
+        )
+        nodes.extend([reader, early])
+        r_ready, _ = await asyncio.gather(reader.ready(), early.ready())
+        async with connect([_target(r_ready, keys, "reader")], keys=client_keys(keys)) as client:
+            await reader_sees(client, lambda peers: "answerer" in peers)
+            sent = await client.request("reader", {"op": "read", "text": DOCUMENT}, timeout_s=60)
+        assert set(sent["decisions"]) == {"answerer"}
+        await early.event("card_received", where=lambda e: e["card"] == sent["card"])
+
+        late = await NodeProcess.start("late", late_cfg, env=ENV)
+        nodes.append(late)
+        l_ready = await late.ready()
+        async with connect([_target(l_ready, keys, "late")], keys=client_keys(keys)) as client:
+            reply = await client.request(
+                "late",
+                {"op": "ask", "card": sent["card"], "question": QUESTION, "wait_s": 60},
+                timeout_s=90,
+            )
+        pulled = await late.event("card_pulled_on_demand")
+    card = encode_context(tiny_lm, DOCUMENT, Budget(bits=4), sender="reader")
+    assert reply["answer"] == answer_from_card(tiny_lm, card.data, QUESTION, max_new_tokens=8).text
+    assert pulled == {**pulled, "card": sent["card"], "addressed": ["answerer"]}
+    assert late.count("card_received") == 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nodes import roles_relay
-from nodes.roles_relay import relay_card
+from nodes.roles_relay import RelayedCard, relay_card, relayed_meta
 from qkv import extend_snapshot
 from qkv._budget import Budget
 from qkv._card import read_card_info
@@ -94,3 +94,22 @@ def test_relay_refuses_too_many_hops(tiny_lm: Any, monkeypatch: pytest.MonkeyPat
 def test_relay_rejects_garbage(tiny_lm: Any) -> None:
     with pytest.raises(CardFormatError):
         relay_card(tiny_lm, b"QKVC" + bytes(100), sender="r", question=QUESTION, max_new_tokens=2)
+
+
+def test_relayed_card_is_not_addressed_to_the_incoming_cards_receivers() -> None:
+    # The reader addressed the incoming card to the relay; the relayed card is for whoever subscribes to
+    # the relay's topic, so it must not carry that address on (an answerer would skip it as not its own).
+    out = RelayedCard(
+        data=b"x" * 10, card_id="b" * 32, answer="a", note="n", appended_tokens=3, hops=2, bits=4
+    )
+    incoming = {"for": ["relay"], "rep": "card", "tail": "c" * 32, "sent_at": 12.5, "bits": 3, "topic": "kv"}
+    meta = relayed_meta(incoming, card_id="a" * 32, out=out)
+    assert meta == {
+        "sent_at": 12.5,
+        "topic": "kv",
+        "hops": 2,
+        "bits": 4,
+        "card_bytes": 10,
+        "source": "a" * 32,
+    }
+    assert incoming["for"] == ["relay"]  # the incoming announcement's metadata is left as it was
