@@ -864,7 +864,7 @@ class Agent:
 
         assert self._store is not None
         deadline = time.monotonic() + wait_s
-        self._pull_on_demand(card_id)
+        pulling = " (addressed to other receivers: pulling it now)" if self._pull_on_demand(card_id) else ""
         while True:
             record = self._received.get(card_id)
             if record is not None:
@@ -895,13 +895,15 @@ class Agent:
                 raise AskError("node is draining (shutting down)")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AskError(f"no card {card_id} here (not received{' in time' if wait_s else ''})")
+                raise AskError(
+                    f"no card {card_id} here (not received{' in time' if wait_s else ''}){pulling}"
+                )
             waiter = self._arrived
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
                     await waiter.wait()
 
-    def _pull_on_demand(self, card_id: str) -> None:
+    def _pull_on_demand(self, card_id: str) -> bool:
         """Start pulling ``card_id`` (and its split head) if it was announced for other receivers only."""
         wanted = [
             key
@@ -918,6 +920,7 @@ class Agent:
             log.info("card %s was addressed to %s: pulled on demand", key, addressed)
             self.events.emit("card_pulled_on_demand", card=key, addressed=addressed)
             self._spawn(self._receive(ann, handle), f"fetch-{key[:8]}", work=True)
+        return bool(wanted)
 
     def _wake_waiters(self) -> None:
         self._arrived.set()

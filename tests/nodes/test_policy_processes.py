@@ -179,9 +179,14 @@ async def test_hostile_artifacts_are_refused_and_the_answerer_keeps_answering(
         async with connect([target], keys=client_keys(keys)) as client:
             reply = await client.request("answerer", {**ASK, "card": "good"}, timeout_s=60)
             status = await client.request("answerer", {"op": "status"}, timeout_s=10)
-            with pytest.raises(AskError, match="no card"):
+            # Addressed to another receiver: not pulled unasked (status above), pulled once asked for.
+            with pytest.raises(AskError, match=r"no card .* pulling it now"):
                 await client.request("answerer", {**ASK, "card": "not-yours", "wait_s": 0}, timeout_s=10)
+            pulled = await answerer.event("card_pulled_on_demand", where=lambda e: e["card"] == "not-yours")
+            again = await client.request("answerer", {**ASK, "card": "not-yours", "wait_s": 30}, timeout_s=60)
     assert reply["answer"] == answer_from_text(tiny_lm, DOCUMENT, QUESTION, max_new_tokens=8).text
+    assert again["answer"] == reply["answer"]
+    assert pulled["addressed"] == ["b"]
     assert answerer.count("card_rejected") == len(hostile)
-    assert answerer.count("card_received") == 1
+    assert answerer.count("card_received") == 2
     assert status["store"]["entries"] == 1
