@@ -83,7 +83,7 @@ SPOOL_WORKERS: Final = 2
 #: chunks (data ROUTER/DEALER) on one, control, presence and announcements on the other. With one shared
 #: I/O thread a request sent during a 64 MiB loopback pull waits behind chunk I/O at both ends: round-trip
 #: p50 1.0-3.8 ms (median 2.8, 8 runs) against 1.1-2.0 ms (median 1.5, 7 runs) with two, interleaved in
-#: one session; card throughput the same. The p99 (7-15 ms) is CPU contention and did not change.
+#: one session; card throughput the same. The p99 (6-15 ms) is CPU contention and did not change.
 IO_THREADS: Final = 2
 BULK_AFFINITY: Final = 1 << 0
 CONTROL_AFFINITY: Final = 1 << 1

@@ -44,6 +44,7 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -184,10 +185,13 @@ class Agent:
         # Announced ids already taken up, oldest first; bounded (SEEN_KEPT) so months of announcements do
         # not grow it: a forgotten id announced again is refused by the bus's delivered log, not re-fetched.
         self._seen: dict[str, None] = {}
-        # Announcements addressed to other receivers, kept (bounded like _seen) so that an ask naming one
-        # pulls it on demand: addressing says who pulls unasked, not who may read (a receiver that joined
-        # after the reader decided was left out of the address).
-        self._not_ours: dict[str, tuple[Announcement, Handler]] = {}
+        # Ids of announcements addressed to other receivers (bounded like _seen), with their handler, so
+        # that an ask naming one pulls it on demand: addressing says who pulls unasked, not who may read (a
+        # receiver that joined after the reader decided was left out of the address). Only ids are kept;
+        # the announcement is looked up in the bus's catalogue when asked (gone if the sender withdrew it).
+        self._not_ours: dict[str, Handler] = {}
+        self._asked: collections.Counter[str] = collections.Counter()  # card ids asks are waiting for
+        self._on_demand: set[str] = set()  # pulled because asked for: answered, never relayed
         self._arrived = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._work: set[asyncio.Task[Any]] = set()
@@ -348,10 +352,13 @@ class Agent:
                     not isinstance(addressed, list) or self.config.name not in addressed
                 ):
                     # Another receiver's hand-off (or a malformed list: not ours either): pulled only if
-                    # asked for (_pull_on_demand).
-                    self._not_ours[ann.card_id] = (ann, handle)
+                    # asked for (_pull_on_demand), at once when an ask is already waiting for it.
+                    self._not_ours[ann.card_id] = handle
                     if len(self._not_ours) > SEEN_KEPT:
                         del self._not_ours[next(iter(self._not_ours))]
+                    asked_as = _answers_to(ann)
+                    if asked_as is not None and asked_as in self._asked:
+                        self._pull_on_demand(asked_as)
                     continue
                 self._spawn(self._receive(ann, handle), f"fetch-{ann.card_id[:8]}", work=True)
 
@@ -513,7 +520,9 @@ class Agent:
             return
         self._stored(ann, summary, transfer_s, nbytes=len(data), text=False)
         relay = self.config.relay
-        if relay is not None and ann.topic.startswith(relay.topics) and not self._draining:
+        # A card pulled only because someone asked this node about it was another relay's to forward.
+        forward = ann.card_id not in self._on_demand
+        if relay is not None and forward and ann.topic.startswith(relay.topics) and not self._draining:
             if summary.head_tokens:
                 log.warning("card %s is a split card: relays forward whole cards only", ann.card_id)
                 return
@@ -857,14 +866,25 @@ class Agent:
         return result
 
     async def _wait_for_card(self, card_id: str, wait_s: float) -> Received:
+        """The card ``card_id`` once received or held, waiting up to ``wait_s``; counted as asked meanwhile,
+        so an announcement for other receivers that arrives during the wait is pulled at once."""
+        deadline = time.monotonic() + wait_s
+        self._asked[card_id] += 1
+        try:
+            return await self._wait_for_card_asked(card_id, deadline, wait_s)
+        finally:
+            self._asked[card_id] -= 1
+            if self._asked[card_id] <= 0:
+                del self._asked[card_id]
+
+    async def _wait_for_card_asked(self, card_id: str, deadline: float, wait_s: float) -> Received:
         from qkv import CardCompatError, CardFormatError
 
         from .roles_answerer import TextSummary, summarise_card
         from .roles_reader import decode_document
 
         assert self._store is not None
-        deadline = time.monotonic() + wait_s
-        pulling = " (addressed to other receivers: pulling it now)" if self._pull_on_demand(card_id) else ""
+        pulling = False
         while True:
             record = self._received.get(card_id)
             if record is not None:
@@ -893,11 +913,11 @@ class Agent:
                 return record
             if self._draining:
                 raise AskError("node is draining (shutting down)")
+            pulling = pulling or self._pull_on_demand(card_id)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AskError(
-                    f"no card {card_id} here (not received{' in time' if wait_s else ''}){pulling}"
-                )
+                note = " (addressed to other receivers: pulling it now)" if pulling else ""
+                raise AskError(f"no card {card_id} here (not received{' in time' if wait_s else ''}){note}")
             waiter = self._arrived
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
@@ -905,22 +925,31 @@ class Agent:
 
     def _pull_on_demand(self, card_id: str) -> bool:
         """Start pulling ``card_id`` (and its split head) if it was announced for other receivers only."""
+        if not self._not_ours or self._bus is None:
+            return False
         wanted = [
-            key
-            for key, (ann, _) in self._not_ours.items()
-            if key == card_id or (ann.meta.get("rep") == "head" and ann.meta.get("tail") == card_id)
+            ann
+            for ann in self._bus.known_cards()
+            if ann.card_id in self._not_ours and _answers_to(ann) == card_id
         ]
-        # A split's head first, so its prefill starts while the tail card is still in flight.
-        wanted.sort(key=lambda key: key == card_id)
-        for key in wanted:
-            ann, handle = self._not_ours.pop(key)
+        # A split's head first, so its prefill can start while the tail card is still in flight.
+        wanted.sort(key=lambda ann: ann.card_id == card_id)
+        for ann in wanted:
+            handle = self._not_ours.pop(ann.card_id)
             addressed = ann.meta.get("for")
             if not isinstance(addressed, list) or not all(isinstance(a, str) for a in addressed):
                 addressed = None  # untrusted metadata: printed only when it is a list of names
-            log.info("card %s was addressed to %s: pulled on demand", key, addressed)
-            self.events.emit("card_pulled_on_demand", card=key, addressed=addressed)
-            self._spawn(self._receive(ann, handle), f"fetch-{key[:8]}", work=True)
+            log.info("card %s was addressed to %s: pulled on demand", ann.card_id, addressed)
+            self.events.emit("card_pulled_on_demand", card=ann.card_id, addressed=addressed)
+            self._on_demand.add(ann.card_id)
+            self._spawn(self._receive_on_demand(ann, handle), f"fetch-{ann.card_id[:8]}", work=True)
         return bool(wanted)
+
+    async def _receive_on_demand(self, ann: Announcement, handle: Handler) -> None:
+        try:
+            await self._receive(ann, handle)
+        finally:
+            self._on_demand.discard(ann.card_id)
 
     def _wake_waiters(self) -> None:
         self._arrived.set()
@@ -1026,6 +1055,14 @@ def _as_text(choice: Any, reason: str) -> Any:
 
     decision = {"representation": "text", "head_tokens": 0, "policy": False, "reason": reason}
     return replace(choice, plan=SendPlan(kind="text"), decision=decision)
+
+
+def _answers_to(ann: Announcement) -> str | None:
+    """The card id an ask names to get this artifact: a split head's tail card, else its own id."""
+    if ann.meta.get("rep") != "head":
+        return ann.card_id
+    tail = ann.meta.get("tail")
+    return tail if isinstance(tail, str) else None
 
 
 def _kv_bytes_per_token(lm: Any) -> int:

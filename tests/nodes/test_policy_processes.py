@@ -190,3 +190,45 @@ async def test_hostile_artifacts_are_refused_and_the_answerer_keeps_answering(
     assert answerer.count("card_rejected") == len(hostile)
     assert answerer.count("card_received") == 2
     assert status["store"]["entries"] == 1
+
+
+@pytest.mark.timeout(120)
+async def test_a_relay_asked_about_another_receivers_card_answers_it_without_forwarding_it(
+    tiny_lm: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # The ask comes before the card is announced (addressed to another receiver): the announcement is
+    # pulled as soon as it arrives. A card pulled only because it was asked for is not this relay's to
+    # forward; a card addressed to no one, published after it, is forwarded as usual.
+    keys = write_fleet_keys(tmp_path / "keys", FLEET)
+    fake_ep, relay_ep = (f"tcp://127.0.0.1:{free_port_base()}" for _ in range(2))
+    relay_cfg = node_config(
+        tmp_path, "relay", tiny_model_dir, keys, roles=["relay"], bind=relay_ep, peers=[(fake_ep, "reader")],
+        relay={"topics": "kv/", "out_topic": "relayed/", "question": QUESTION, "max_new_tokens": 4},
+    )  # fmt: skip
+    fake = BusConfig(
+        node_id="reader",
+        spool_dir=tmp_path / "fake-spool",
+        bind=fake_ep,
+        keys=BusKeys.from_files(keys / "reader.key_secret", keys / "allowed", keys / "hmac.key"),
+        roles=("reader",),
+    )
+    card = read_document(tiny_lm, DOCUMENT, SendPlan(kind="card", budget=Budget(bits=4)), sender="reader")
+    assert card.encoded is not None
+    data = card.encoded.data
+    async with node_group() as nodes, Bus(fake) as bus:
+        relay = await NodeProcess.start("relay", relay_cfg, env=ENV)
+        nodes.append(relay)
+        ready = await relay.ready()
+        await bus.wait_for_peer("relay", timeout=30)
+        target = Target(endpoint=ready["control"], server_key=load_public_key(keys / "relay.key"))
+        async with connect([target], keys=client_keys(keys)) as client:
+            asking = asyncio.ensure_future(client.request("relay", {**ASK, "card": "for-b"}, timeout_s=60))
+            await asyncio.sleep(0.5)  # the ask is waiting before the card exists
+            assert not asking.done()
+            await bus.publish_card("kv/x", data, card_id="for-b", meta={"rep": "card", "for": ["b"]})
+            reply = await asking
+            await bus.publish_card("kv/x", data, card_id="anyone", meta={"rep": "card"})
+            await relay.event("card_relayed", where=lambda e: e["source"] == "anyone")
+    assert reply["answer"] == answer_from_card(tiny_lm, data, QUESTION, max_new_tokens=8).text
+    assert relay.count("card_pulled_on_demand") == 1
+    assert relay.count("card_relayed") == 1
