@@ -34,6 +34,17 @@ ENV = {"OMP_NUM_THREADS": "1"}
 ASK = {"op": "ask", "question": QUESTION, "wait_s": 30, "max_new_tokens": 8}
 
 
+def _fake_reader(tmp_path: Path, keys: Path, endpoint: str) -> BusConfig:
+    """A bare bus holding the reader's keys: the tests publish whatever artifacts they want from it."""
+    return BusConfig(
+        node_id="reader",
+        spool_dir=tmp_path / "fake-spool",
+        bind=endpoint,
+        keys=BusKeys.from_files(keys / "reader.key_secret", keys / "allowed", keys / "hmac.key"),
+        roles=("reader",),
+    )
+
+
 def _tiny_table(path: Path) -> Path:
     """A rate-quality table in the tiny model's units (384 fp16 KV bytes per token)."""
     points = (
@@ -145,13 +156,7 @@ async def test_hostile_artifacts_are_refused_and_the_answerer_keeps_answering(
         tmp_path, "answerer", tiny_model_dir, keys, roles=["answerer"], bind=answerer_ep,
         peers=[(fake_ep, "reader")], answerer={"topics": "kv/", "persist": False, "max_new_tokens": 8},
     )  # fmt: skip
-    fake = BusConfig(
-        node_id="reader",
-        spool_dir=tmp_path / "fake-spool",
-        bind=fake_ep,
-        keys=BusKeys.from_files(keys / "reader.key_secret", keys / "allowed", keys / "hmac.key"),
-        roles=("reader",),
-    )
+    fake = _fake_reader(tmp_path, keys, fake_ep)
     hostile: list[tuple[bytes, dict[str, Any]]] = [
         (b"\x01\x02\x03\x04\x05", {"rep": "head", "tail": "t" * 32, "tokens": 2}),
         (b"\x01\x00\x00\x00", {"rep": "head", "tail": ["not", "an", "id"], "tokens": 1}),
@@ -205,13 +210,7 @@ async def test_a_relay_asked_about_another_receivers_card_answers_it_without_for
         tmp_path, "relay", tiny_model_dir, keys, roles=["relay"], bind=relay_ep, peers=[(fake_ep, "reader")],
         relay={"topics": "kv/", "out_topic": "relayed/", "question": QUESTION, "max_new_tokens": 4},
     )  # fmt: skip
-    fake = BusConfig(
-        node_id="reader",
-        spool_dir=tmp_path / "fake-spool",
-        bind=fake_ep,
-        keys=BusKeys.from_files(keys / "reader.key_secret", keys / "allowed", keys / "hmac.key"),
-        roles=("reader",),
-    )
+    fake = _fake_reader(tmp_path, keys, fake_ep)
     card = read_document(tiny_lm, DOCUMENT, SendPlan(kind="card", budget=Budget(bits=4)), sender="reader")
     assert card.encoded is not None
     data = card.encoded.data
