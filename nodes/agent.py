@@ -884,7 +884,7 @@ class Agent:
         from .roles_reader import decode_document
 
         assert self._store is not None
-        pulling = False
+        pulling: bool | None = None  # once, after the held checks; intake pulls what is announced later
         while True:
             record = self._received.get(card_id)
             if record is not None:
@@ -913,7 +913,8 @@ class Agent:
                 return record
             if self._draining:
                 raise AskError("node is draining (shutting down)")
-            pulling = pulling or self._pull_on_demand(card_id)
+            if pulling is None:
+                pulling = self._pull_on_demand(card_id)
             left = deadline - time.monotonic()
             if left <= 0:
                 note = " (addressed to other receivers: pulling it now)" if pulling else ""

@@ -57,6 +57,7 @@ from edgebus import (
 
 CHUNK = 1 << 20
 RPC_COUNT = 1000
+RPC_PAYLOAD = {"blob": b"x" * 100}
 REPEATS = 5
 CARD_ID = "bench-card"
 #: The ``control-busy-1gbit`` row's pull rate: a gigabit LAN's payload bytes per second.
@@ -298,16 +299,17 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
     return q[49], q[98]
 
 
-async def _bus_rpc(bus: Bus) -> list[float]:
-    payload = {"blob": b"x" * 100}
-    for _ in range(10):
-        await bus.request("server", payload)
-    samples = []
-    for _ in range(RPC_COUNT):
-        t = time.perf_counter()
-        await bus.request("server", payload)
-        samples.append(time.perf_counter() - t)
-    return samples
+async def _timed_request(bus: Bus) -> float:
+    """Seconds of one small request/reply round trip to the bench server."""
+    start = time.perf_counter()
+    await bus.request("server", RPC_PAYLOAD)
+    return time.perf_counter() - start
+
+
+async def _bus_rpc(bus: Bus, count: int = RPC_COUNT, warmup: int = 10) -> list[float]:
+    for _ in range(warmup):
+        await bus.request("server", RPC_PAYLOAD)
+    return [await _timed_request(bus) for _ in range(count)]
 
 
 async def _raw_rpc(sock: zmq.asyncio.Socket) -> list[float]:
@@ -362,14 +364,10 @@ async def _control_row(tmp: Path, repeats: int) -> dict[str, Any]:
 
 async def _rpc_while(bus: Bus, busy: asyncio.Future[Any]) -> list[float]:
     """Sequential request round trips until ``busy`` is done (at least one); their latencies in seconds."""
-    payload = {"blob": b"x" * 100}
-    samples = []
-    while True:
-        t = time.perf_counter()
-        await bus.request("server", payload)
-        samples.append(time.perf_counter() - t)
-        if busy.done():
-            return samples
+    samples = [await _timed_request(bus)]
+    while not busy.done():
+        samples.append(await _timed_request(bus))
+    return samples
 
 
 async def _control_busy_row(
@@ -397,10 +395,7 @@ async def _control_busy_row(
             async with Bus(cfg) as bus:
                 ann = await anext(bus.announcements("bench/"))
                 await bus.wait_for_peer("server", timeout=10)
-                for _ in range(RPC_COUNT // (2 * repeats)):
-                    t = time.perf_counter()
-                    await bus.request("server", {"blob": b"x" * 100})
-                    idle.append(time.perf_counter() - t)
+                idle += await _bus_rpc(bus, count=RPC_COUNT // (2 * repeats), warmup=0)
                 start = time.perf_counter()
                 fetch = asyncio.ensure_future(bus.fetch_card(ann))
                 try:
