@@ -25,9 +25,12 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from ._errors import FrameError
-from ._transfer import CardManifest, valid_card_id
+from ._transfer import MAX_CHUNKS, CardManifest, valid_card_id
 
 MAX_PENDING_UPDATES: Final = 1024
+# Cards remembered per publisher: each announcement may carry up to 64 KiB of metadata, so an unbounded
+# catalog would let one peer grow this node's memory for ever. The oldest announcement goes first.
+MAX_CATALOG_CARDS: Final = 4096
 MAX_TOPIC_CHARS: Final = 200
 
 
@@ -71,6 +74,8 @@ class Announcement:
             raise FrameError(f"announced size {size!r} outside 0..{max_card_bytes}")
         if type(chunk) is not int or not 0 < chunk <= max_chunk_bytes:
             raise FrameError(f"announced chunk size {chunk!r} outside 1..{max_chunk_bytes}")
+        if -(-size // chunk) > MAX_CHUNKS:
+            raise FrameError(f"announced card of {size} bytes in chunks of {chunk}: over {MAX_CHUNKS} chunks")
         if not isinstance(topic, str) or len(topic) > MAX_TOPIC_CHARS:
             raise FrameError("bad topic")
         if not isinstance(digest, bytes) or len(digest) != 32:
@@ -128,15 +133,19 @@ class PeerCatalog:
     def on_snapshot(self, epoch: int, seq: int, cards: list[Announcement]) -> tuple[list[Announcement], bool]:
         """Replace the catalog. Returns (announcements not known before, whether to snapshot again)."""
         before = set(self.cards)
-        self.cards = {a.card_id: a for a in cards}
+        self.cards = {a.card_id: a for a in cards[-MAX_CATALOG_CARDS:]}
         self.epoch, self.seq, self.synced = epoch, seq, True
-        fresh = [a for a in cards if a.card_id not in before]
+        fresh = [a for a in self.cards.values() if a.card_id not in before]
         pending, self._pending = list(self._pending), deque(maxlen=MAX_PENDING_UPDATES)
-        for p_epoch, change in sorted((p for p in pending if p[0] == epoch), key=lambda p: p[1].seq):
-            added, need = self.on_update(p_epoch, change)
-            fresh.extend(added)
-            if need:
+        for _, change in sorted((p for p in pending if p[0] == epoch), key=lambda p: p[1].seq):
+            if change.seq <= self.seq:
+                continue
+            if change.seq > self.seq + 1:
+                # Updates between the snapshot and this one were lost: ask again, without this change
+                # (kept, a peer announcing far ahead of its own snapshots would make us ask for ever).
+                self._desync()
                 return fresh, True
+            fresh.extend(self._apply(change))
         return fresh, False
 
     def _desync(self) -> None:
@@ -147,6 +156,8 @@ class PeerCatalog:
         if change.added is not None:
             known = change.added.card_id in self.cards
             self.cards[change.added.card_id] = change.added
+            if len(self.cards) > MAX_CATALOG_CARDS:
+                del self.cards[next(iter(self.cards))]
             return [] if known else [change.added]
         if change.withdrawn is not None:
             self.cards.pop(change.withdrawn, None)

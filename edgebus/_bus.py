@@ -63,7 +63,15 @@ from ._link import LinkEstimate, LinkEstimator, TokenBucket
 from ._security import INSECURE_HMAC_KEY, ReplayWindow, ZapAuthenticator, curve_client, curve_server
 from ._spool import PartialCard, Spool
 from ._stats import BusStats, Counters
-from ._transfer import CardManifest, ChunkPuller, chunk_digests, chunk_view, default_card_id, list_digest
+from ._transfer import (
+    MAX_CHUNKS,
+    CardManifest,
+    ChunkPuller,
+    chunk_digests,
+    chunk_view,
+    default_card_id,
+    list_digest,
+)
 
 log = logging.getLogger("edgebus")
 
@@ -73,6 +81,9 @@ MAX_ANNOUNCE_BYTES: Final = 64 * 1024
 MAX_DATA_CONTROL_BYTES: Final = 4096
 #: Chunks between two bandwidth samples of the link estimator.
 CHUNKS_PER_SAMPLE: Final = 8
+# A chunk that fails its digest this many times is not a transmission error: the sender serves bad bytes
+# (a buffer changed after publishing, a broken or hostile peer), and asking again would loop for ever.
+CHUNK_ATTEMPTS: Final = 3
 #: Added to every socket's ZMQ_MAXMSGSIZE over the largest payload it accepts: CURVE wraps each message part
 #: in about 33 bytes of its own, and libzmq drops (for good) a connection whose wire frame exceeds the
 #: limit. The frame codec still enforces the exact payload limits.
@@ -241,6 +252,7 @@ class Bus:
     def __init__(self, config: BusConfig) -> None:
         self.config = config
         self._state = BusState.UNOPENED
+        self._closed = asyncio.Event()  # set once aclose has released everything
         self._ctx: zmq.asyncio.Context | None = None
         self._zap: ZapAuthenticator | None = None
         self._hmac_key = INSECURE_HMAC_KEY
@@ -318,6 +330,7 @@ class Bus:
     async def aclose(self) -> None:
         """Stop everything this bus owns and wait for it. Safe to call twice or from ``__aexit__``."""
         if self._state is BusState.CLOSED:
+            await self._closed.wait()  # a second caller returns once the first has released everything
             return
         self._state = BusState.CLOSED
         try:
@@ -327,16 +340,19 @@ class Bus:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            self._release()
-            if self._zap is not None:
-                await self._zap.aclose()
-            if self._pool is not None:
-                pool, self._pool = self._pool, None
-                await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
-            if self._ctx is not None:
-                for sock in self._sockets:
-                    sock.close(linger=0)
-                self._ctx.term()
+            try:
+                self._release()
+                if self._zap is not None:
+                    await self._zap.aclose()
+                if self._pool is not None:
+                    pool, self._pool = self._pool, None
+                    await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
+                if self._ctx is not None:
+                    for sock in self._sockets:
+                        sock.close(linger=0)
+                    self._ctx.term()
+            finally:
+                self._closed.set()
 
     def _release(self) -> None:
         for _, future in self._pending.values():
@@ -444,9 +460,6 @@ class Bus:
         """Connect (or re-connect after a peer restart on new ports) the data DEALER and SUB."""
         if link.endpoints == (data_ep, ann_ep):
             return
-        old_socks = [s for s in (link.data, link.sub) if s is not None]
-        if old_socks:
-            self._spawn(self._retire(link.tasks, old_socks), "retire")
         cfg = self.config
         data = self._client_socket(
             zmq.DEALER, link.address, max_msg=cfg.max_chunk_bytes, rcvhwm=cfg.send_hwm_chunks, bulk=True
@@ -454,10 +467,18 @@ class Bus:
         sub = self._client_socket(
             zmq.SUB, link.address, max_msg=MAX_ANNOUNCE_BYTES, rcvhwm=cfg.announcement_queue
         )
-        sub.setsockopt(zmq.SUBSCRIBE, TOPIC_ANNOUNCE)
-        with zmq_errors("connect"):
-            data.connect(data_ep)
-            sub.connect(ann_ep)
+        try:
+            sub.setsockopt(zmq.SUBSCRIBE, TOPIC_ANNOUNCE)
+            with zmq_errors("connect"):
+                data.connect(data_ep)
+                sub.connect(ann_ep)
+        except BaseException:
+            # The peer advertised endpoints libzmq refuses: keep what we had, leak nothing (it may repeat).
+            self._close_sockets([data, sub])
+            raise
+        old_socks = [s for s in (link.data, link.sub) if s is not None]
+        if old_socks:
+            self._spawn(self._retire(link.tasks, old_socks), "retire")
         link.data, link.sub, link.endpoints = data, sub, (data_ep, ann_ep)
         link.catalog = PeerCatalog()
         link.tasks = [
@@ -472,8 +493,12 @@ class Bus:
         try:
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for sock in socks:
-                sock.close(linger=0)
+            self._close_sockets(socks)
+
+    def _close_sockets(self, socks: list[zmq.asyncio.Socket]) -> None:
+        for sock in socks:
+            sock.close(linger=0)
+            if sock in self._sockets:
                 self._sockets.remove(sock)
 
     # ------------------------------------------------------------------ sending
@@ -677,8 +702,11 @@ class Bus:
         queue = body.get("q")
         link.queue_chunks = queue if type(queue) is int and queue > 0 else None
         link.last_heard = time.monotonic()
-        if isinstance(echo, float) and echo > 0:
-            self._link(header.sender).add_rtt(max(0.0, time.monotonic() - echo))
+        # The echo is our own PING's clock, but the peer sends it back: an RTT longer than the peer timeout
+        # is no measurement (it would stretch every chunk timeout derived from the link estimate).
+        rtt = time.monotonic() - echo if isinstance(echo, float) and echo > 0 else -1.0
+        if 0.0 <= rtt <= self.config.peer_timeout_s:
+            self._link(header.sender).add_rtt(rtt)
         self._attach_peer_sockets(link, self._peer_endpoint(link, data_ep), self._peer_endpoint(link, ann_ep))
         if not link.live:
             link.live = True
@@ -691,7 +719,8 @@ class Bus:
         """Use the advertised port on the host we reached the peer at (it may have bound 0.0.0.0)."""
         host = link.address.endpoint.rsplit(":", 1)[0]
         port = advertised.rsplit(":", 1)[-1]
-        if not port.isdigit():
+        # str.isdigit alone accepts other scripts' digits, which libzmq refuses at connect.
+        if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             raise FrameError("PONG: bad endpoint")
         return f"{host}:{port}"
 
@@ -1159,6 +1188,10 @@ class Bus:
         view = memoryview(data).cast("B")
         if len(view) > self.config.max_card_bytes:
             raise PayloadTooLarge(f"card of {len(view)} bytes exceeds max_card_bytes")
+        if -(-len(view) // self.config.chunk_bytes) > MAX_CHUNKS:
+            raise PayloadTooLarge(
+                f"card of {len(view)} bytes is more than {MAX_CHUNKS} chunks of chunk_bytes"
+            )
         if card_id is not None:
             try:
                 _frame_card_id = CardManifest(card_id, 0, 1, b"\0" * 32).card_id
@@ -1228,6 +1261,7 @@ class Bus:
                 self._fetch_locks[ann.card_id] = (lock, users - 1)
 
     async def _fetch_locked(self, ann: Announcement) -> memoryview:
+        self._check_open()  # a fetch that waited on the lock while the bus closed
         assert self._spool is not None
         assert self._pool is not None
         manifest = ann.manifest
@@ -1283,9 +1317,12 @@ class Bus:
         bucket = self._bucket(link) if cfg.rate_limit_bps else None
         last_progress = sample_start = time.monotonic()
         sample_bytes = sample_chunks = 0
+        bad_copies: dict[int, int] = {}
         while not puller.done:
             self._check_open()
             now = time.monotonic()
+            if now - last_progress > cfg.stall_timeout_s:  # also when chunks arrive, but none verify
+                raise TransferError(f"card {manifest.card_id}: no progress for {cfg.stall_timeout_s} s")
             for index in puller.take_requests(now):
                 if bucket is not None:
                     await bucket.acquire(manifest.chunk_len(index))
@@ -1335,6 +1372,12 @@ class Bus:
                         sample_start, sample_bytes, sample_chunks = last_progress, 0, 0
                 else:
                     self._counters.rejected["chunk_digest"] += 1
+                    bad_copies[index] = bad_copies.get(index, 0) + 1
+                    if bad_copies[index] >= CHUNK_ATTEMPTS:
+                        raise DigestMismatch(
+                            f"card {manifest.card_id}: chunk {index} failed its digest {CHUNK_ATTEMPTS} "
+                            "times: the sender serves other bytes than it announced"
+                        )
                     puller.on_rejected(index)
 
     def _credit(self, link: _Outbound, manifest: CardManifest) -> int:

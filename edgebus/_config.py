@@ -18,8 +18,8 @@ from pathlib import Path
 from ._errors import ConfigError
 from ._keys import load_hmac_key, load_keypair, load_public_key, load_public_keys
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-_TCP = re.compile(r"^tcp://(?P<host>[^:/]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z", re.ASCII)
+_TCP = re.compile(r"^tcp://(?P<host>[^:/]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})\Z", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

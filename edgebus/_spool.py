@@ -69,7 +69,10 @@ class PartialCard:
 
         Opening once per transfer, not once per chunk, keeps four system calls off every chunk.
         """
-        verified = self.load_verified()
+        try:
+            verified = self.load_verified()
+        except OSError as exc:
+            raise StoreError(f"spool {self.part_path.parent}: {exc}") from exc
         if self._part_fd is None:
             try:
                 self._part_fd = os.open(self.part_path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -205,11 +208,14 @@ class Spool:
     def mark_delivered(self, manifest: CardManifest) -> None:
         """Append to ``delivered.log`` (small, unbuffered write: safe against a killed process)."""
         line = f"{manifest.card_id} {manifest.digest.hex()}"
-        fd = os.open(self._delivered_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, (line + "\n").encode("ascii"))
-        finally:
-            os.close(fd)
+            fd = os.open(self._delivered_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, (line + "\n").encode("ascii"))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StoreError(f"spool {self._delivered_path}: {exc}") from exc
         self._delivered[manifest.card_id] = line
         if len(self._delivered) >= 2 * self._kept:
             self._compact()

@@ -28,7 +28,11 @@ from dataclasses import dataclass
 from ._digest import DIGEST_BYTES, digest, digest_parts
 from ._errors import FrameError
 
-CARD_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A card is at most this many chunks: a receiver keeps a few dozen bytes of state per chunk, so a tiny
+# announced chunk size must not turn an allowed card size into gigabytes of bookkeeping (1 GiB at 4 KiB).
+MAX_CHUNKS = 1 << 18
+
+CARD_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z", re.ASCII)
 
 
 def valid_card_id(card_id: object) -> str:
@@ -66,6 +70,8 @@ class CardManifest:
         valid_card_id(self.card_id)
         if self.size < 0 or self.chunk_bytes <= 0 or len(self.digest) != DIGEST_BYTES:
             raise FrameError("bad manifest")
+        if self.n_chunks > MAX_CHUNKS:
+            raise FrameError(f"a card of {self.n_chunks} chunks; at most {MAX_CHUNKS}")
 
     @property
     def n_chunks(self) -> int:

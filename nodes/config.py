@@ -79,9 +79,9 @@ DEVICES: Final = ("auto", "cpu", "cuda")
 #: mallopt takes an int, hence the cap.
 DEFAULT_HEAP_RETAIN_MIB: Final = 512
 MAX_HEAP_RETAIN_MIB: Final = 2047
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-_TOPIC = re.compile(r"^[A-Za-z0-9_./:-]{1,200}$")
-_ENDPOINT = re.compile(r"^tcp://[^:/]+:\d{1,5}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z", re.ASCII)
+_TOPIC = re.compile(r"^[A-Za-z0-9_./:-]{1,200}\Z", re.ASCII)
+_ENDPOINT = re.compile(r"^tcp://[^:/]+:\d{1,5}\Z", re.ASCII)
 _BITS = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 16, 32})
 
 Device = Literal["auto", "cpu", "cuda"]

@@ -888,7 +888,7 @@ def _parse_block(
     names: tuple[str, ...] = ("codes", "scales", "zeros") if bits in QUANT_BITS else ("data",)
     if bits == RAW_BITS:
         dtype_name = _field(data, "dtype", f"{where}.")
-        if dtype_name not in _RAW_DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in _RAW_DTYPES:
             raise CardFormatError(
                 f"card metadata: {where}.dtype {_short(dtype_name)} is not a known raw dtype"
             )

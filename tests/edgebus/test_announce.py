@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgebus import Announcement, Bus, BusConfig, PeerAddress
-from edgebus._announce import Change, PeerCatalog
+import pytest
+
+from edgebus import Announcement, Bus, BusConfig, FrameError, PeerAddress
+from edgebus._announce import MAX_CATALOG_CARDS, Change, PeerCatalog
+from edgebus._transfer import MAX_CHUNKS
 
 
 def ann(card_id: str, topic: str = "kv/x") -> Announcement:
@@ -44,6 +47,41 @@ def test_pending_update_after_snapshot_with_a_hole_asks_again() -> None:
     fresh, again = cat.on_snapshot(1, 5, [])
     assert again
     assert fresh == []
+
+
+def test_a_change_far_ahead_of_every_snapshot_costs_one_more_snapshot_not_a_loop() -> None:
+    cat = PeerCatalog()
+    cat.on_update(1, Change(10**9, added=ann("z")))  # a peer announcing far ahead of its own snapshots
+    assert cat.on_snapshot(1, 5, []) == ([], True)
+    assert cat.on_snapshot(1, 5, []) == ([], False)
+    assert cat.synced
+
+
+def test_a_snapshot_listing_a_card_twice_offers_it_once() -> None:
+    fresh, _ = PeerCatalog().on_snapshot(1, 1, [ann("a"), ann("a", "kv/y")])
+    assert [(a.card_id, a.topic) for a in fresh] == [("a", "kv/y")]
+
+
+def test_the_catalog_of_one_publisher_is_bounded() -> None:
+    cat = PeerCatalog()
+    cat.on_snapshot(1, 0, [ann(f"s{i}") for i in range(MAX_CATALOG_CARDS + 5)])
+    assert len(cat.cards) == MAX_CATALOG_CARDS
+    for seq in range(1, 11):
+        cat.on_update(1, Change(seq, added=ann(f"u{seq}")))
+    assert len(cat.cards) == MAX_CATALOG_CARDS
+    assert "u10" in cat.cards
+    assert "s5" not in cat.cards  # the oldest went first
+
+
+def test_announcements_of_too_many_chunks_are_refused() -> None:
+    wire = {"id": "c", "size": 1 << 20, "chunk": 1, "topic": "kv/x", "digest": bytes(32), "meta": {}}
+    with pytest.raises(FrameError, match="chunks"):
+        Announcement.from_wire("pub", wire, max_chunk_bytes=1 << 22, max_card_bytes=1 << 30)
+    ok = Announcement.from_wire(
+        "pub", {**wire, "chunk": 4096}, max_chunk_bytes=1 << 22, max_card_bytes=1 << 30
+    )
+    assert ok.manifest.n_chunks == 256
+    assert MAX_CHUNKS >= (1 << 30) // 4096
 
 
 async def test_late_joiner_and_dropped_announcement_recovery(tmp_path: Path) -> None:

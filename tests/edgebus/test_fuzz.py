@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from edgebus import Bus, BusConfig
+from edgebus import Bus, BusConfig, PeerAddress
 from edgebus._frame import Codec, Kind, decode_frame, encode_frame, make_header
 from edgebus._security import INSECURE_HMAC_KEY
 
@@ -127,3 +129,44 @@ async def test_five_thousand_hostile_frames(tmp_path: Path) -> None:
 @pytest.mark.slow
 async def test_hundred_thousand_hostile_frames(tmp_path: Path) -> None:
     await throw_frames(tmp_path, 100_000, seed=2)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_hostile_pongs_leak_no_sockets_and_bend_no_link_estimate(tmp_path: Path) -> None:
+    # A fake peer answers every PING with a PONG advertising an endpoint libzmq refuses (a port in Arabic-
+    # Indic digits passes str.isdigit) or an echo that would make the RTT the machine's uptime.
+    ctx = zmq.asyncio.Context()
+    try:
+        router = ctx.socket(zmq.ROUTER)
+        router.linger = 0
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        cfg = BusConfig(
+            node_id="target", spool_dir=tmp_path, insecure=True, bind=None, heartbeat_s=0.01,
+            peer_timeout_s=30, connect=(PeerAddress(endpoint=f"tcp://127.0.0.1:{port}"),),
+        )  # fmt: skip
+        signer = Signer("fake-peer")
+        async with Bus(cfg) as bus:
+            fds = None
+            for i in range(300):
+                ident, *_ = await router.recv_multipart()
+                bad = {
+                    "data": "tcp://127.0.0.1:\u0661\u0662\u0663",
+                    "ann": "tcp://127.0.0.1:\u0661\u0662\u0664",
+                }
+                good = {"data": f"tcp://127.0.0.1:{port + 1}", "ann": f"tcp://127.0.0.1:{port + 2}"}
+                pong = {"roles": [], "info": {}, "t": 1e-9, "ae": 1, "an": 0, **(good if i == 0 else bad)}
+                await router.send_multipart([ident, *signer.frame(Kind.PONG, b"ctl", {}, pong)])
+                if i == 10:
+                    fds = _open_fds()
+            await asyncio.sleep(0.1)
+            stats = bus.stats()
+            assert fds is not None
+            assert _open_fds() <= fds + 4
+            assert stats.task_failures == 0, stats
+            assert stats.rejected.get("malformed", 0) >= 250, stats
+            assert bus.link("fake-peer").rtt_s < 1.0
+    finally:
+        ctx.destroy(linger=0)

@@ -11,9 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from edgebus import AlreadyDelivered, Bus, BusConfig, DigestMismatch, PeerAddress, StoreError
+from edgebus import (
+    AlreadyDelivered,
+    Bus,
+    BusConfig,
+    ClosedError,
+    DigestMismatch,
+    FrameError,
+    PeerAddress,
+    StoreError,
+)
 from edgebus._spool import Spool
-from edgebus._transfer import CardManifest, ChunkPuller, chunk_digests, list_digest
+from edgebus._transfer import CardManifest, ChunkPuller, chunk_digests, list_digest, valid_card_id
 
 CHUNK = 64 * 1024
 
@@ -207,6 +216,20 @@ async def test_wrong_announced_digest_is_caught_end_to_end(tmp_path: Path) -> No
         assert await receiver.fetch_card(ann) == data
 
 
+async def test_a_sender_serving_changed_bytes_fails_the_fetch_instead_of_looping(tmp_path: Path) -> None:
+    # The chunk digests are taken at publish time; a buffer changed afterwards is served as it is now.
+    data = bytearray(os.urandom(4 * CHUNK))
+    async with pair(tmp_path, stall_timeout_s=600.0) as (sender, receiver):
+        await sender.publish_card("kv/a", data, card_id="changed")
+        data[2 * CHUNK + 5] ^= 0xFF
+        ann = await anext(receiver.announcements())
+        async with asyncio.timeout(20):
+            with pytest.raises(DigestMismatch, match="chunk 2 failed its digest 3 times"):
+                await receiver.fetch_card(ann)
+        assert receiver.stats().rejected["chunk_digest"] == 3
+        assert not receiver.is_delivered("changed")
+
+
 async def test_concurrent_fetches_of_one_card_deliver_once(tmp_path: Path) -> None:
     data = os.urandom(8 * CHUNK)
     async with pair(tmp_path) as (sender, receiver):
@@ -232,3 +255,42 @@ async def test_unwritable_spool_fails_the_fetch_with_store_error(tmp_path: Path)
         assert not receiver.is_delivered(ann.card_id)
         part.rmdir()
         assert await receiver.fetch_card(ann) == data
+
+
+@pytest.mark.parametrize("card_id", ["abc\n", "abc\r", "\u0661\u0662", "a b", "", "x" * 65, "../x"])
+def test_card_ids_that_would_break_the_delivered_log_are_refused(card_id: str) -> None:
+    # "$" matches before a final newline: an id "abc\n" would split its delivered.log line, and be
+    # fetched and delivered again after a restart.
+    with pytest.raises(FrameError):
+        valid_card_id(card_id)
+    assert valid_card_id("abc-1_Z") == "abc-1_Z"
+
+
+async def test_fetches_and_a_second_close_wait_for_a_closing_bus(tmp_path: Path) -> None:
+    data = os.urandom(40 * CHUNK)
+    async with pair(tmp_path, rate_limit_bps=float(1 << 20)) as (sender, receiver):
+        await sender.publish_card("kv/a", data)
+        ann = await anext(receiver.announcements())
+        # The second fetch of the same card waits on the first's lock while the bus closes.
+        fetches = [asyncio.create_task(receiver.fetch_card(ann)) for _ in range(2)]
+        while receiver.stats().chunks_received < 2:  # noqa: ASYNC110 - polling a counter in a test
+            await asyncio.sleep(0.01)
+        closers = [asyncio.create_task(receiver.aclose()) for _ in range(2)]
+        await closers[1]
+        assert closers[0].done()  # the second close returned only once everything was released
+        results = await asyncio.gather(*fetches, return_exceptions=True)
+        assert [type(r) for r in results] == [ClosedError, ClosedError]
+
+
+def test_spool_file_errors_are_store_errors(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    manifest = manifest_for(b"abc", card_id="a")
+    partial = spool.partial(manifest)
+    partial.log_path.mkdir()  # the chunk log cannot be read back
+    with pytest.raises(StoreError):
+        partial.open()
+    (tmp_path / "delivered.log").unlink(missing_ok=True)
+    (tmp_path / "delivered.log").mkdir()  # nor the delivered log appended to
+    with pytest.raises(StoreError):
+        spool.mark_delivered(manifest)
+    assert not spool.is_delivered("a")

@@ -7,6 +7,7 @@ bytes do not depend on the torch version. After a deliberate format change, rege
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import struct
@@ -749,6 +750,64 @@ def test_unknown_metadata_keys_are_ignored() -> None:
     assert_same_snapshot(
         decode_card(rebuilt(data, later_feature=[1, 2])).snapshot, decode_card(data).snapshot
     )
+
+
+# Values of every msgpack type: a field that expects another type must refuse each with a CardError.
+HOSTILE_VALUES: tuple[Any, ...] = (
+    [],
+    [[]],
+    {},
+    {"": None},
+    None,
+    True,
+    -1,
+    2**63 - 1,
+    1.5,
+    float("inf"),
+    "x",
+    b"x",
+)
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every key path into a decoded metadata tree (containers and leaves)."""
+    found: list[tuple[Any, ...]] = [prefix] if prefix else []
+    children = (
+        value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    )
+    for key, child in children:
+        found += _paths(child, (*prefix, key))
+    return found
+
+
+def _replaced(metadata: Any, path: tuple[Any, ...], value: Any) -> Any:
+    copy = msgpack.unpackb(msgpack.packb(metadata, use_bin_type=True))
+    node = copy
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return copy
+
+
+@pytest.mark.parametrize("rotation", ["none", "hadamard-prerope"])
+def test_every_metadata_field_of_any_type_is_a_card_error_or_accepted(rotation: str) -> None:
+    # A card's digest is not a key: a hostile sender recomputes it, so every field's type is untrusted.
+    snapshot, plan, meta = golden_snapshot()
+    if rotation != "none":
+        snapshot = dataclasses.replace(snapshot, keys=(*snapshot.keys[:3], snapshot.values[3]))
+        plan = EncodingPlan.uniform(4, 4, group_size=3, rotation="hadamard-prerope")
+    data = encode_card(snapshot, plan, meta=meta)
+    header, metadata, payload = split_card(data)
+    major = header[1]
+    checked = 0
+    for path in _paths(metadata):
+        for value in HOSTILE_VALUES:
+            card = build_card(_replaced(metadata, path, value), payload, major=major)
+            for reader in (read_card_info, decode_card):
+                with contextlib.suppress(CardError):
+                    reader(card)
+                checked += 1
+    assert checked > 1000  # every field was tried (guards against an empty walk)
 
 
 if __name__ == "__main__":  # regenerate the golden vector after a deliberate format change
