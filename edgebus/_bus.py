@@ -635,15 +635,13 @@ class Bus:
         assert self._endpoints is not None
         body = self._payload_map(header, payload)
         if header.kind is Kind.PING:
+            info = self._peer_info(body.get("info"), "PING")
             peer = self._inbound.get(header.sender)
             if peer is None or peer.identity != ident:
                 peer = self._inbound[header.sender] = _Inbound(header.sender, ident)
                 self._notify()
             peer.roles = _str_tuple(body.get("roles"), "roles")
-            info = body.get("info")
-            if not isinstance(info, dict):
-                raise FrameError("PING: info is not a map")
-            peer.info = MappingProxyType(info)
+            peer.info = info
             peer.last_heard = time.monotonic()
             echo = body.get("t")
             pong = {
@@ -688,9 +686,10 @@ class Bus:
 
     def _on_pong(self, link: _Outbound, header: Header, body: dict[str, Any]) -> None:
         data_ep, ann_ep = body.get("data"), body.get("ann")
-        epoch, seq, echo, info = body.get("ae"), body.get("an"), body.get("t"), body.get("info")
-        if not isinstance(data_ep, str) or not isinstance(ann_ep, str) or not isinstance(info, dict):
-            raise FrameError("PONG: bad endpoints or info")
+        epoch, seq, echo = body.get("ae"), body.get("an"), body.get("t")
+        info = self._peer_info(body.get("info"), "PONG")
+        if not isinstance(data_ep, str) or not isinstance(ann_ep, str):
+            raise FrameError("PONG: bad endpoints")
         if type(epoch) is not int or type(seq) is not int:
             raise FrameError("PONG: bad announcement position")
         if link.node_id is not None and link.node_id != header.sender:
@@ -698,7 +697,7 @@ class Bus:
             link.endpoints = None
         link.node_id = header.sender
         link.roles = _str_tuple(body.get("roles"), "roles")
-        link.info = MappingProxyType(info)
+        link.info = info
         queue = body.get("q")
         link.queue_chunks = queue if type(queue) is int and queue > 0 else None
         link.last_heard = time.monotonic()
@@ -713,6 +712,15 @@ class Bus:
             self._notify()
         if link.catalog.on_position(epoch, seq):
             self._request_snapshot(link)
+
+    def _peer_info(self, info: object, what: str) -> MappingProxyType[str, Any]:
+        """A peer's presence info, held to the limit this node sets its own to (``max_presence_bytes``):
+        every peer's info is kept and copied into status replies, so one peer must not fill them."""
+        if not isinstance(info, dict):
+            raise FrameError(f"{what}: info is not a map")
+        if len(pack(info)) > self.config.max_presence_bytes:
+            raise FrameError(f"{what}: presence info over {self.config.max_presence_bytes} bytes")
+        return MappingProxyType(info)
 
     @staticmethod
     def _peer_endpoint(link: _Outbound, advertised: str) -> str:

@@ -402,7 +402,15 @@ class Agent:
             # (a model's seconds) unmaps the spool's pages now rather than after it.
             card = data if isinstance(data, bytes) else bytes(data)
             del data
-            await handle(ann, card, transfer_s)
+            try:
+                await handle(ann, card, transfer_s)
+            except Exception as exc:
+                # The typed refusals are _reject calls in the handlers; anything else a peer's artifact
+                # provokes (a model error on a document, a relay it cannot republish) is still that
+                # artifact's failure, not this node's: counted as a rejection, never a health failure that
+                # would have systemd restart the node for every such card a peer announces.
+                log.exception("card %s from %s could not be handled", ann.card_id, ann.sender)
+                self._reject(ann, f"could not be handled ({type(exc).__name__}: {exc})")
             return
 
     def _holds(self, card_id: str) -> bool:
@@ -455,9 +463,13 @@ class Agent:
             try:
                 snapshot, seconds = await self._worker.run(prefill_split_head, self.lm, head)
             except (CardError, ValueError) as exc:
-                # Ids outside this model's vocabulary: untrusted input, not a failure of this node. The
-                # card, when it comes, answers with its own head.
+                # Ids outside this model's vocabulary, or more than its positions: untrusted input, not a
+                # failure of this node. The card, when it comes, answers with its own head.
                 self._reject(ann, str(exc))
+                return None
+            except Exception as exc:  # as in _receive: a peer's head, not this node
+                log.exception("head for %s could not be prefilled", tail)
+                self._reject(ann, f"head could not be prefilled ({type(exc).__name__}: {exc})")
                 return None
             if self._prefill_model is not None:
                 self._prefill_model.observe(head.num_tokens, seconds)
@@ -553,13 +565,15 @@ class Agent:
                     self.lm,
                     data,
                 )
-            except CardError as exc:
-                log.warning("card %s not relayed: %s", ann.card_id, exc)
-                self._rejected += 1
-                self.events.emit("card_rejected", card=ann.card_id, sender=ann.sender, error=str(exc))
+            except (CardError, ValueError) as exc:  # ValueError: a card too big to re-encode with the note
+                self._not_relayed(ann, str(exc))
                 return
         meta = relayed_meta(ann.meta, card_id=ann.card_id, out=out)
-        card_id = await self._bus.publish_card(relay.out_topic, out.data, card_id=out.card_id, meta=meta)
+        try:
+            card_id = await self._bus.publish_card(relay.out_topic, out.data, card_id=out.card_id, meta=meta)
+        except BusError as exc:  # the incoming metadata left no room for the hop's, or the store is full
+            self._not_relayed(ann, str(exc))
+            return
         self._published += 1
         self.events.emit(
             "card_relayed",
@@ -570,6 +584,12 @@ class Agent:
             appended_tokens=out.appended_tokens,
             bytes=len(out.data),
         )
+
+    def _not_relayed(self, ann: Announcement, error: str) -> None:
+        """The card is held and answered from, but this relay cannot forward it."""
+        log.warning("card %s not relayed: %s", ann.card_id, error)
+        self._rejected += 1
+        self.events.emit("card_rejected", card=ann.card_id, sender=ann.sender, error=error)
 
     async def _on_document(self, ann: Announcement, data: bytes, _: float) -> None:
         from .roles_reader import decode_document
@@ -960,9 +980,13 @@ class Agent:
         from .roles_answerer import check_question
 
         self._need_role("answerer", "relay")
+        from .roles_reader import MAX_DOCUMENT_BYTES
+
         context = body.get("context")
         if not isinstance(context, str) or not context.strip():
             raise AskError("'context' must be a non-empty string")
+        if len(context.encode()) > MAX_DOCUMENT_BYTES:
+            raise AskError(f"'context' exceeds {MAX_DOCUMENT_BYTES} bytes")
         try:
             question, max_new = check_question(
                 body.get("question"), body.get("max_new_tokens", self._holder_cfg.max_new_tokens)
@@ -1005,6 +1029,8 @@ class Agent:
             "peers": peers,
             "published": self._published,
             "rejected": self._rejected,
+            # Background tasks that failed: any makes the watchdog stop pinging (systemd restarts the node).
+            "task_failures": self._failures,
             "bus": _plain(bus.stats()),
         }
         if self._store is not None:

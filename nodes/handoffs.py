@@ -69,11 +69,16 @@ class HandoffBook:
         return self._timings.get(card_id)
 
     def add_head(self, tail_card: str, job: asyncio.Future[HeadResult | None]) -> None:
-        """A head being prefilled for ``tail_card``; the oldest is forgotten beyond ``max_heads``."""
+        """A head being prefilled for ``tail_card``; the oldest is forgotten (and cancelled, so a prefill
+        not yet started never runs) beyond ``max_heads``: heads come from peers, faster than they prefill."""
+        replaced = self._heads.get(tail_card)
+        if replaced is not None and replaced is not job:
+            replaced.cancel()
         self._heads[tail_card] = job
         self._heads.move_to_end(tail_card)
         while len(self._heads) > self._max_heads:
-            self._heads.popitem(last=False)
+            _, dropped = self._heads.popitem(last=False)
+            dropped.cancel()
 
     def head(self, tail_card: str) -> asyncio.Future[HeadResult | None] | None:
         return self._heads.get(tail_card)

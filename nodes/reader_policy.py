@@ -208,10 +208,22 @@ class ReceiverView:
     rtt_s: float
 
 
+#: The largest number a presence field may hold: above any real byte count or rate, and small enough that
+#: whatever the policy derives from it still packs into a msgpack integer (decision records carry them).
+MAX_PRESENCE_NUMBER: Final = 1e15
+
+
 def _num(info: Mapping[str, Any], key: str, default: float | None = None) -> float:
     value = info.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"presence field {key!r} must be a non-negative number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= MAX_PRESENCE_NUMBER
+    ):
+        raise ValueError(
+            f"presence field {key!r} must be a number in 0..{MAX_PRESENCE_NUMBER:g}, got {value!r}"
+        )
     return float(value)
 
 

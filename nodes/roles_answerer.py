@@ -34,12 +34,18 @@ from qkv import (
     split_head,
 )
 
+from .reader_policy import MAX_PRESENCE_NUMBER
+
 #: Token counts prefilled to measure prefill speed at start (after a short warm-up forward).
 PREFILL_PROBE_TOKENS = (256, 1024)
 #: Weight of one real prefill (or card decode) in the correction of the start-up measurements.
 PREFILL_EWMA_ALPHA = 0.5
 MAX_QUESTION_CHARS = 4000
 MAX_NEW_TOKENS_LIMIT = 256
+#: Bounds on a card's own claims about the context it came from (``extra``): above any model's context and
+#: any card a bus carries, so a larger claim is a lie that would only bend the rates this node advertises.
+MAX_CONTEXT_TOKENS = 1 << 20
+MAX_CARD_FP16_BYTES = 1 << 40
 _PROBE_TEXT = (
     "Edge devices hand each other compressed key-value caches so that a receiver can answer questions "
     "about a document without reading it again. "
@@ -119,8 +125,13 @@ def summarise_card(
         card_id=card_id,
         card_bytes=len(data),
         card_tokens=info.num_tokens,
-        context_tokens=context_tokens if type(context_tokens) is int else info.num_tokens,
-        fp16_bytes=fp16 if type(fp16) is int else info.fp16_bytes,
+        # Sender-written hints: used only when plausible (they feed the rates this node advertises).
+        context_tokens=(
+            context_tokens
+            if type(context_tokens) is int and info.num_tokens <= context_tokens <= MAX_CONTEXT_TOKENS
+            else info.num_tokens
+        ),
+        fp16_bytes=fp16 if type(fp16) is int and 0 <= fp16 <= MAX_CARD_FP16_BYTES else info.fp16_bytes,
         bits=mean_width(info),
         sender=info.sender,
         head_tokens=0 if head is None else head.num_tokens,
@@ -287,11 +298,13 @@ class CardSpeeds:
     join_bps: float
 
     def advertised(self) -> dict[str, float]:
+        # Capped as readers cap what they accept: one odd timing must
+        # not make this node's presence unpackable or ignored.
         return {
-            "decode_bps": round(self.decode_bps),
-            "rotate_bps": round(self.rotate_bps),
-            "question_s": round(self.question_s, 4),
-            "join_bps": round(self.join_bps),
+            "decode_bps": round(min(self.decode_bps, MAX_PRESENCE_NUMBER)),
+            "rotate_bps": round(min(self.rotate_bps, MAX_PRESENCE_NUMBER)),
+            "question_s": round(min(self.question_s, MAX_PRESENCE_NUMBER), 4),
+            "join_bps": round(min(self.join_bps, MAX_PRESENCE_NUMBER)),
         }
 
     def observe(

@@ -212,10 +212,13 @@ def parse_head(data: bytes, meta: Mapping[str, Any]) -> tuple[SplitHead, str]:
 
 
 def decode_document(data: bytes) -> str:
-    """A document received as bytes (from a topic): UTF-8 text, bounded."""
+    """A document received as bytes (from a topic): UTF-8 text, bounded, not blank."""
     if len(data) > MAX_DOCUMENT_BYTES:
         raise ValueError(f"document of {len(data)} bytes exceeds {MAX_DOCUMENT_BYTES}")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"document is not UTF-8: {exc}") from exc
+    if not text.strip():
+        raise ValueError("the document is empty")
+    return text

@@ -636,6 +636,8 @@ def _greedy(
         tokens.append(token)
         if token in lm.stop_token_ids or len(tokens) >= max_new_tokens:
             break
+        if next_position >= max_positions(lm):  # the answer ends where the model's positions do
+            break
         piece = tokenizer.decode([token])
         # An answer is one line, but a leading newline before any text is not the end of it.
         if stop_at_newline and "\n" in piece and (seen_text or piece.split("\n", 1)[0].strip()):
@@ -666,7 +668,14 @@ def _forward(
     logits_to_keep: int,
     receiver: _Receiver | None = None,
 ) -> torch.Tensor:
-    """Logits ``[logits_to_keep, vocab]`` of a forward that appends ``input_ids`` at ``positions``."""
+    """Logits ``[logits_to_keep, vocab]`` of a forward that appends ``input_ids`` at ``positions``.
+
+    Raises ``ValueError`` for a position the model has no embedding for: contexts come from peers, and a
+    quarter-million-token prefill would hold the model thread for minutes to produce noise.
+    """
+    limit = max_positions(lm)
+    if len(positions) and int(positions.max()) >= limit:
+        raise ValueError(f"position {int(positions.max())} is beyond this model's {limit} positions")
     ids = torch.tensor([list(input_ids)], dtype=torch.int64, device=lm.device)
     extra: dict[str, Any] = {}
     if receiver is not None and receiver.unsent:
@@ -692,6 +701,12 @@ def _forward(
         )
     logits: torch.Tensor = out.logits[0]
     return logits
+
+
+def max_positions(lm: LoadedModel) -> int:
+    """Positions the model was trained for (``max_position_embeddings``; unbounded if it names none)."""
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else 1 << 62
 
 
 def _model_dtype(lm: LoadedModel) -> torch.dtype:

@@ -231,3 +231,22 @@ async def test_receiver_credit_is_capped_by_the_senders_queue(tmp_path: Path) ->
         stats = server.stats()
         assert stats.send_dropped == 0
         assert stats.chunks_served == 32
+
+
+async def test_a_peers_presence_info_is_held_to_this_nodes_limit(tmp_path: Path) -> None:
+    # Every peer's info is kept and copied into status replies: a peer configured with a larger limit
+    # must not push more than ours into our peer table. Its PINGs are refused and counted instead.
+    async with Bus(BusConfig(node_id="a", spool_dir=tmp_path / "a", insecure=True, **FAST)) as a:
+        cfg = BusConfig(
+            node_id="b", spool_dir=tmp_path / "b", insecure=True, bind=None, max_presence_bytes=64 << 10,
+            connect=(PeerAddress(endpoint=a.endpoints.control),), **FAST,
+        )  # fmt: skip
+        async with Bus(cfg) as b:
+            b.set_presence_info({"ram_mb": 1})
+            while [p.info.get("ram_mb") for p in a.peers()] != [1]:  # noqa: ASYNC110 - test polling
+                await asyncio.sleep(0.02)
+            b.set_presence_info({"ram_mb": 2, "blob": "x" * 10_000})
+            async with asyncio.timeout(10):
+                while not a.stats().rejected.get("malformed"):  # noqa: ASYNC110 - test polling
+                    await asyncio.sleep(0.02)
+            assert [p.info.get("ram_mb") for p in a.peers()] == [1]

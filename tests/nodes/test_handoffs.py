@@ -19,6 +19,8 @@ async def test_the_first_piece_starts_the_clock_and_heads_are_bounded() -> None:
     for name, job in jobs.items():
         book.add_head(name, job)
     assert book.head("a") is None  # the oldest of three, beyond max_heads
+    assert jobs["a"].cancelled()  # and cancelled: a prefill not yet started never runs
+    assert not jobs["b"].cancelled()
     assert book.head("c") is jobs["c"]
     book.forget("c")
     assert book.head("c") is None

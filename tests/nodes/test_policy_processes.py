@@ -165,6 +165,9 @@ async def test_hostile_artifacts_are_refused_and_the_answerer_keeps_answering(
         (b"\xff\xfe\xfd", {"rep": "text"}),
         (b"%PDF-1.7", {"rep": "pdf"}),
         (b"EBKV" + bytes(200), {"rep": "card"}),
+        # Ids the model knows, but more of them than its 1024 positions: refused before any prefill.
+        (struct.pack("<2000I", *([5] * 2000)), {"rep": "head", "tail": "v" * 32, "tokens": 2000}),
+        (b"   \n ", {"rep": "text"}),  # an empty document
     ]
     async with node_group() as nodes, Bus(fake) as bus:
         answerer = await NodeProcess.start("answerer", answerer_cfg, env=ENV)
@@ -195,6 +198,7 @@ async def test_hostile_artifacts_are_refused_and_the_answerer_keeps_answering(
     assert answerer.count("card_rejected") == len(hostile)
     assert answerer.count("card_received") == 2
     assert status["store"]["entries"] == 1
+    assert status["task_failures"] == 0
 
 
 @pytest.mark.timeout(120)

@@ -121,6 +121,8 @@ def test_no_receiver_means_the_fixed_budget_for_whoever_joins() -> None:
         ({"rotate_bps": -5}, "rotate_bps"),
         ({"links": {"reader": [1, 2]}}, "links"),
         ({"links": {"reader": {"bw": float("nan"), "n": 1}}}, "bw"),
+        # Finite, but no real headroom: the decision record carrying it could not be packed.
+        ({"headroom": 1e20}, "headroom"),
     ],
 )
 def test_unusable_presence_info_falls_back_to_the_fixed_budget(info: dict[str, Any], field: str) -> None:

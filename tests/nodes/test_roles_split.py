@@ -16,8 +16,9 @@ from nodes.roles_reader import (
     parse_head,
     read_document,
 )
-from qkv import Budget, SplitHead, answer_from_text
+from qkv import Budget, SplitHead, answer_from_text, encode_context
 from tests.nodes.fleet import DOCUMENT, QUESTION
+from tests.qkv.test_card import build_card, split_card
 
 OTHER = "The Rosetta Stone was found in 1799 near the town of Rashid in the Nile delta. It carries a decree."
 
@@ -131,3 +132,18 @@ def test_prefill_model_fits_two_lengths_and_follows_real_runs() -> None:
         model.observe(2048, 2 * truth.predict_s(2048))
     assert model.predict_s(2048) == pytest.approx(2 * truth.predict_s(2048), rel=0.01)
     assert model.advertised()["prefill_tps"] == pytest.approx(250.0, rel=0.01)
+
+
+def test_a_cards_implausible_claims_about_its_context_are_not_believed(tiny_lm: Any) -> None:
+    # context_tokens and fp16_bytes come from the card's sender and feed the rates this node advertises:
+    # 2**62 tokens once made the advertised join_bps too large to pack, and the presence loop died.
+    data = encode_context(tiny_lm, DOCUMENT, Budget(bits=4)).data
+    header, metadata, payload = split_card(data)
+    honest = summarise_card("c", data, tiny_lm)
+    for claims in ({"context_tokens": 2**62, "fp16_bytes": -1}, {"context_tokens": 1, "fp16_bytes": 2**62}):
+        metadata["extra"] = claims
+        summary = summarise_card("c", build_card(metadata, payload, major=header[1]), tiny_lm)
+        assert (summary.context_tokens, summary.fp16_bytes) == (honest.context_tokens, honest.fp16_bytes)
+    metadata["extra"] = {"context_tokens": honest.card_tokens + 7, "fp16_bytes": 1234}
+    summary = summarise_card("c", build_card(metadata, payload, major=header[1]), tiny_lm)
+    assert (summary.context_tokens, summary.fp16_bytes) == (honest.card_tokens + 7, 1234)

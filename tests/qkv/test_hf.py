@@ -422,3 +422,12 @@ def test_fingerprint_tracks_the_vocabulary(tiny_lm):
     grown = type(tokenizer).from_pretrained(tiny_lm.path)
     grown.add_tokens(["<extra>"])
     assert _fingerprint(grown).tokenizer_hash != base.tokenizer_hash
+
+
+def test_positions_beyond_the_model_are_refused_and_answers_end_at_the_last(tiny_lm):
+    limit = tiny_lm.model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"beyond this model's {limit} positions"):
+        prefill(tiny_lm, [5] * (limit + 1))
+    # A prompt that leaves 3 positions: 3 more forwards, 4 tokens at most, instead of failing half-way.
+    gen = generate_from_text(tiny_lm, [5] * (limit - 4), [6], max_new_tokens=50)
+    assert 1 <= len(gen.token_ids) <= 4
