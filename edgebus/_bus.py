@@ -1139,7 +1139,8 @@ class Bus:
 
     def link(self, peer: str) -> LinkEstimate:
         """Measured bandwidth (bytes/s over real transfers) and RTT (heartbeats) to ``peer``."""
-        return self._link(peer).estimate()
+        known = self._links.get(peer)  # asking about a name keeps nothing: callers pass peers' names
+        return (known or LinkEstimator()).estimate()
 
     def _link(self, peer: str) -> LinkEstimator:
         est = self._links.get(peer)

@@ -750,7 +750,9 @@ class Agent:
             await asyncio.sleep(PRESENCE_INTERVAL_S)
             if self._store is not None:
                 shed = await asyncio.to_thread(self._store.refresh)
-                for card_id in shed:
+                # Also what a put evicted to make room: anything no longer held is no longer received.
+                gone = set(shed) | {card_id for card_id in self._received if card_id not in self._store}
+                for card_id in gone:
                     self._received.pop(card_id, None)
                     self._book.forget(card_id)
             self._refresh_presence()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -208,6 +209,9 @@ class ReceiverView:
     rtt_s: float
 
 
+#: Receivers whose last decision is remembered for hysteresis (the least recently decided go first).
+MAX_REMEMBERED_RECEIVERS: Final = 1024
+
 #: The largest number a presence field may hold: above any real byte count or rate, and small enough that
 #: whatever the policy derives from it still packs into a msgpack integer (decision records carry them).
 MAX_PRESENCE_NUMBER: Final = 1e15
@@ -299,7 +303,8 @@ class PlanChooser:
         self._fixed = fixed
         self._assumed = assumed_bandwidth_bps
         self._name = name
-        self._previous: dict[str, Decision] = {}
+        # The last decision per receiver (hysteresis), newest last; bounded, as receivers come and go.
+        self._previous: OrderedDict[str, Decision] = OrderedDict()
 
     @property
     def policy(self) -> BudgetPolicy | None:
@@ -459,6 +464,9 @@ class PlanChooser:
                       "reason": f"{exc}: text, the least the receiver must hold"}  # fmt: skip
             return Choice(receiver=peer.node_id, plan=SendPlan(kind="text"), decision=record)
         self._previous[peer.node_id] = decision
+        self._previous.move_to_end(peer.node_id)
+        while len(self._previous) > MAX_REMEMBERED_RECEIVERS:
+            self._previous.popitem(last=False)
         record = decision_record(decision)
         record["bandwidth"] = "measured" if measured else "assumed"
         return Choice(receiver=peer.node_id, plan=plan_of(decision), decision=record)

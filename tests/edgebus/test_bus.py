@@ -250,3 +250,10 @@ async def test_a_peers_presence_info_is_held_to_this_nodes_limit(tmp_path: Path)
                 while not a.stats().rejected.get("malformed"):  # noqa: ASYNC110 - test polling
                     await asyncio.sleep(0.02)
             assert [p.info.get("ram_mb") for p in a.peers()] == [1]
+
+
+async def test_asking_about_a_name_keeps_no_link_state(tmp_path: Path) -> None:
+    async with Bus(BusConfig(node_id="a", spool_dir=tmp_path / "a", insecure=True, **FAST)) as a:
+        for i in range(100):
+            assert a.link(f"client-{i}").samples == 0
+        assert not a._links  # clients come and go; their names must not accumulate

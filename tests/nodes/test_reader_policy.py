@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from edgebus import DEFAULT_ROTATE_BYTES_PER_S, PeerInfo, PolicyConfig, RateQualityTable
+from nodes import reader_policy
 from nodes._errors import AskError
 from nodes.bench.rate_quality import shipped_table_path
 from nodes.reader_policy import (
@@ -155,6 +156,20 @@ def test_hysteresis_is_kept_per_receiver() -> None:
     assert fresh.plan.kind == "split"
     assert kept.plan.kind == "card"  # receiver a had a card: not worth switching by the margin
     assert "kept previous choice" in kept.decision["reason"]
+
+
+def test_hysteresis_forgets_the_least_recently_decided_receivers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reader_policy, "MAX_REMEMBERED_RECEIVERS", 2)
+    c = chooser()
+    for name in ("a", "b", "c"):
+        c.choose([peer(name, bw_mbit=1000)], DOC_4K, fingerprint="fp")
+    mbit = next(
+        m
+        for m in range(1000, 20, -5)
+        if chooser().choose([peer(bw_mbit=m)], DOC_4K, fingerprint="fp")[0].plan.kind == "split"
+    )
+    assert c.choose([peer("c", bw_mbit=mbit)], DOC_4K, fingerprint="fp")[0].plan.kind == "card"  # kept
+    assert c.choose([peer("a", bw_mbit=mbit)], DOC_4K, fingerprint="fp")[0].plan.kind == "split"  # forgotten
 
 
 # ---------------------------------------------------------------- read-request overrides
