@@ -33,7 +33,15 @@ ZAP_DOMAIN: Final = "edgebus"
 
 
 class ReplayWindow:
-    """Accept each (sender, channel, seq) once, within ``size`` of the highest seen and ``max_skew_s``."""
+    """Accept each (sender, channel, seq) once, within ``size`` of the highest seen and ``max_skew_s``.
+
+    At most ``max_streams`` (sender, channel) pairs are remembered. A forgotten pair's frames are not
+    forgotten with it: the window keeps the latest send time of every pair it dropped (capped at the local
+    clock when dropped) and refuses a frame of a pair it does not know that was sent no later than that. So
+    a peer that floods the window with invented sender names cannot replay another sender's recorded
+    frames; the price is that, for a while after a drop, a new pair whose clock runs behind the dropped
+    pairs' is refused until its clock passes that time.
+    """
 
     def __init__(self, *, size: int = 4096, max_skew_s: float = 300.0, max_streams: int = 4096) -> None:
         if size < 1 or max_streams < 1 or max_skew_s <= 0:
@@ -42,8 +50,9 @@ class ReplayWindow:
         self._max_skew_s = max_skew_s
         self._max_streams = max_streams
         self._mask = (1 << size) - 1
-        # (sender, channel) -> (highest seq, bitmap: bit i set = highest - i seen)
-        self._streams: OrderedDict[tuple[str, int], tuple[int, int]] = OrderedDict()
+        # (sender, channel) -> (highest seq, bitmap: bit i set = highest - i seen, latest send time)
+        self._streams: OrderedDict[tuple[str, int], tuple[int, int, float]] = OrderedDict()
+        self._forgotten_until = float("-inf")  # frames of unknown pairs must be sent after this
 
     def check(self, sender: str, channel: int, seq: int, sent_at: float, now: float) -> None:
         """Record the frame or raise :class:`ReplayError`."""
@@ -52,22 +61,26 @@ class ReplayWindow:
         key = (sender, channel)
         state = self._streams.get(key)
         if state is None:
+            if sent_at <= self._forgotten_until:
+                raise ReplayError("sent before this window dropped streams it no longer remembers")
             if len(self._streams) >= self._max_streams:
-                self._streams.popitem(last=False)
-            self._streams[key] = (seq, 1)
+                _, (_, _, latest) = self._streams.popitem(last=False)
+                self._forgotten_until = max(self._forgotten_until, min(latest, now))
+            self._streams[key] = (seq, 1, sent_at)
             return
-        highest, bitmap = state
+        highest, bitmap, latest = state
+        latest = max(latest, sent_at)
         if seq > highest:
             shift = seq - highest
             bitmap = ((bitmap << shift) | 1) & self._mask if shift < self._size else 1
-            self._streams[key] = (seq, bitmap)
+            self._streams[key] = (seq, bitmap, latest)
         else:
             offset = highest - seq
             if offset >= self._size:
                 raise ReplayError(f"seq {seq} older than the window")
             if bitmap >> offset & 1:
                 raise ReplayError(f"seq {seq} seen before")
-            self._streams[key] = (highest, bitmap | (1 << offset))
+            self._streams[key] = (highest, bitmap | (1 << offset), latest)
         self._streams.move_to_end(key)
 
 

@@ -46,6 +46,21 @@ def test_replay_window_accepts_once_and_tolerates_reordering() -> None:
         w.check("a", 0, 201, 11.0, 0.0)  # clock skew
 
 
+def test_flooding_the_window_with_new_senders_does_not_reopen_a_replay() -> None:
+    w = ReplayWindow(size=8, max_skew_s=300, max_streams=4)
+    w.check("victim", 0, 1000, 50.0, 50.0)  # recorded by an attacker
+    for i in range(10):  # invented names push the victim out of the window
+        w.check(f"fake-{i}", 0, 1, 60.0 + i, 60.0 + i)
+    with pytest.raises(ReplayError):
+        w.check("victim", 0, 1000, 50.0, 80.0)  # the recorded frame, replayed
+    w.check("victim", 0, 1001, 80.0, 80.0)  # the victim's next frame is sent after the drop: accepted
+    # A forgotten sender's clock ahead of ours does not hold new senders off beyond our own clock.
+    w2 = ReplayWindow(size=8, max_skew_s=300, max_streams=1)
+    w2.check("ahead", 0, 1, 250.0, 10.0)
+    w2.check("b", 0, 1, 11.0, 11.0)  # drops "ahead": forgotten until min(250, 11)
+    w2.check("c", 0, 1, 12.0, 12.0)
+
+
 def test_keypair_files(tmp_path: Path) -> None:
     public, secret = new_keypair("node-1", tmp_path)
     assert public.name == "node-1.key"
