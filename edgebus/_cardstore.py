@@ -95,7 +95,8 @@ class CardStoreConfig:
 
     ``cap_bytes``: never hold more than this in memory. ``reserve_bytes``: memory left to everything else
     (the model, the bus, the OS). ``spill_dir``/``spill_cap_bytes``: optional disk overflow; spill is off
-    when ``spill_dir`` is ``None``.
+    when ``spill_dir`` is ``None``. ``max_cards``: at most this many cards in memory and as many in spill
+    (cards come from peers: a flood of tiny ones must not grow the bookkeeping around a byte budget).
     """
 
     cap_bytes: int
@@ -103,12 +104,15 @@ class CardStoreConfig:
     spill_dir: Path | None = None
     spill_cap_bytes: int = 0
     probe_interval_s: float = PROBE_INTERVAL_S
+    max_cards: int = 4096
 
     def __post_init__(self) -> None:
         for name in ("cap_bytes", "reserve_bytes", "spill_cap_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"CardStoreConfig.{name} must be a non-negative int, got {value!r}")
+        if isinstance(self.max_cards, bool) or not isinstance(self.max_cards, int) or self.max_cards < 1:
+            raise ValueError(f"CardStoreConfig.max_cards must be a positive int, got {self.max_cards!r}")
         if not self.probe_interval_s >= 0:
             raise ValueError(f"CardStoreConfig.probe_interval_s must be >= 0, got {self.probe_interval_s!r}")
         if self.spill_dir is not None and self.spill_cap_bytes == 0:
@@ -260,7 +264,7 @@ class CardStore:
                 self._remove_from_memory(card_id)
             elif card_id in self._spill:
                 self._remove_spill_file(card_id)
-            self._shed_to(self._budget - len(card))
+            self._shed_to(self._budget - len(card), max_cards=self._config.max_cards - 1)
             self._insert(card_id, card, pins + (1 if pin else 0))
 
     def get(self, card_id: str) -> bytes:
@@ -495,11 +499,12 @@ class CardStore:
             self._pinned_bytes -= len(entry.data)
         return entry.data
 
-    def _shed_to(self, limit: int) -> tuple[str, ...]:
-        """Evict least-recently-used unpinned cards until at most ``limit`` bytes are held (or only pinned
-        cards are left)."""
+    def _shed_to(self, limit: int, *, max_cards: int | None = None) -> tuple[str, ...]:
+        """Evict least-recently-used unpinned cards until at most ``limit`` bytes (and ``max_cards`` cards)
+        are held, or only pinned cards are left."""
         shed: list[str] = []
-        while self._bytes > limit:
+        cards = self._config.max_cards if max_cards is None else max_cards
+        while self._bytes > limit or len(self._mem) > cards:
             victim = next((cid for cid, entry in self._mem.items() if entry.pins == 0), None)
             if victim is None:
                 break
@@ -526,7 +531,7 @@ class CardStore:
         self._spill_loads += 1
         if self._pinned_bytes + len(data) <= self._budget:
             self._remove_spill_file(card_id)
-            self._shed_to(self._budget - len(data))
+            self._shed_to(self._budget - len(data), max_cards=self._config.max_cards - 1)
             self._insert(card_id, data, 0)
         elif must_reside:
             raise StoreFull(f"spilled card {card_id} ({len(data)} bytes) cannot come back into memory")
@@ -542,7 +547,9 @@ class CardStore:
         if self._spill_dir is None or len(data) > self._config.spill_cap_bytes:
             self._dropped += 1
             return
-        while self._spill_bytes + len(data) > self._config.spill_cap_bytes:
+        while self._spill_bytes + len(data) > self._config.spill_cap_bytes or (
+            len(self._spill) >= self._config.max_cards
+        ):
             oldest = next(iter(self._spill))
             self._remove_spill_file(oldest)
             self._dropped += 1

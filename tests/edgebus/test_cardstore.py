@@ -95,6 +95,26 @@ def test_evicts_least_recently_used_first() -> None:
     assert store.statistics().dropped == 1
 
 
+def test_the_number_of_cards_is_bounded_in_memory_and_in_spill(tmp_path: Path) -> None:
+    # A peer announcing a flood of one-byte cards must not grow the store's bookkeeping without bound.
+    config = CardStoreConfig(
+        cap_bytes=10_000, reserve_bytes=0, spill_dir=tmp_path, spill_cap_bytes=10_000, max_cards=3
+    )
+    store = CardStore(config, probe=ScriptedMemoryProbe([reading(10_000)]))
+    for i in range(10):
+        store.put(f"c{i}", b"x")
+    stats = store.statistics()
+    assert stats.entries == 3
+    assert {name for name in (f"c{i}" for i in range(10)) if name in store} == {f"c{i}" for i in range(4, 10)}
+    assert len(list(tmp_path.glob("*.card"))) == 3  # spilled: c4..c6; c0..c3 dropped
+    store.put("c9", b"y")  # replacing a card is not one more
+    assert store.statistics().entries == 3
+    assert store.get("c4") == b"x"  # back from spill, within the bound
+    assert store.statistics().entries == 3
+    with pytest.raises(ValueError, match="max_cards"):
+        CardStoreConfig(cap_bytes=1, max_cards=0)
+
+
 def test_replacing_a_card_keeps_its_pins_and_accounts_bytes() -> None:
     store, _ = make_store(cap=100)
     store.put("a", card(10), pin=True)
