@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from ._errors import FrameError
-from ._transfer import MAX_CHUNKS, CardManifest, valid_card_id
+from ._transfer import CardManifest, valid_card_id
 
 MAX_PENDING_UPDATES: Final = 1024
 # Cards remembered per publisher: each announcement may carry up to 64 KiB of metadata, so an unbounded
@@ -74,12 +74,11 @@ class Announcement:
             raise FrameError(f"announced size {size!r} outside 0..{max_card_bytes}")
         if type(chunk) is not int or not 0 < chunk <= max_chunk_bytes:
             raise FrameError(f"announced chunk size {chunk!r} outside 1..{max_chunk_bytes}")
-        if -(-size // chunk) > MAX_CHUNKS:
-            raise FrameError(f"announced card of {size} bytes in chunks of {chunk}: over {MAX_CHUNKS} chunks")
         if not isinstance(topic, str) or len(topic) > MAX_TOPIC_CHARS:
             raise FrameError("bad topic")
-        if not isinstance(digest, bytes) or len(digest) != 32:
+        if not isinstance(digest, bytes):
             raise FrameError("bad digest")
+        CardManifest(card_id, size, chunk, digest)  # what a pull needs: digest length, at most MAX_CHUNKS
         if not isinstance(meta, dict):
             raise FrameError("meta is not a map")
         return cls(card_id, size, topic, sender, MappingProxyType(meta), chunk, digest)

@@ -63,15 +63,7 @@ from ._link import LinkEstimate, LinkEstimator, TokenBucket
 from ._security import INSECURE_HMAC_KEY, ReplayWindow, ZapAuthenticator, curve_client, curve_server
 from ._spool import PartialCard, Spool
 from ._stats import BusStats, Counters
-from ._transfer import (
-    MAX_CHUNKS,
-    CardManifest,
-    ChunkPuller,
-    chunk_digests,
-    chunk_view,
-    default_card_id,
-    list_digest,
-)
+from ._transfer import CardManifest, ChunkPuller, chunk_digests, chunk_view, default_card_id, list_digest
 
 log = logging.getLogger("edgebus")
 
@@ -1197,10 +1189,6 @@ class Bus:
         view = memoryview(data).cast("B")
         if len(view) > self.config.max_card_bytes:
             raise PayloadTooLarge(f"card of {len(view)} bytes exceeds max_card_bytes")
-        if -(-len(view) // self.config.chunk_bytes) > MAX_CHUNKS:
-            raise PayloadTooLarge(
-                f"card of {len(view)} bytes is more than {MAX_CHUNKS} chunks of chunk_bytes"
-            )
         if card_id is not None:
             try:
                 _frame_card_id = CardManifest(card_id, 0, 1, b"\0" * 32).card_id

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ._errors import ConfigError
 from ._keys import load_hmac_key, load_keypair, load_public_key, load_public_keys
+from ._transfer import MAX_CHUNKS
 
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z", re.ASCII)
 _TCP = re.compile(r"^tcp://(?P<host>[^:/]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})\Z", re.ASCII)
@@ -129,6 +130,9 @@ class BusConfig:
             raise ConfigError("chunk_bytes: larger than max_chunk_bytes")
         if self.credit_bytes < self.chunk_bytes:
             raise ConfigError("credit_bytes: smaller than one chunk")
+        if -(-self.max_card_bytes // self.chunk_bytes) > MAX_CHUNKS:
+            # Receivers refuse such cards: a card this node may publish must be one they can pull.
+            raise ConfigError(f"chunk_bytes: max_card_bytes would take more than {MAX_CHUNKS} chunks")
         if self.peer_timeout_s <= self.heartbeat_s:
             raise ConfigError("peer_timeout_s: must exceed heartbeat_s")
         if self.rate_limit_bps is not None and not self.rate_limit_bps > 0:

@@ -980,10 +980,9 @@ class Agent:
 
     async def _req_ask_text(self, body: dict[str, Any]) -> dict[str, Any]:
         from .roles_answerer import check_question
-
-        self._need_role("answerer", "relay")
         from .roles_reader import MAX_DOCUMENT_BYTES
 
+        self._need_role("answerer", "relay")
         context = body.get("context")
         if not isinstance(context, str) or not context.strip():
             raise AskError("'context' must be a non-empty string")

@@ -298,8 +298,8 @@ class CardSpeeds:
     join_bps: float
 
     def advertised(self) -> dict[str, float]:
-        # Capped as readers cap what they accept: one odd timing must
-        # not make this node's presence unpackable or ignored.
+        # Capped as readers cap what they accept: one odd timing must not make this node's presence
+        # unpackable or ignored.
         return {
             "decode_bps": round(min(self.decode_bps, MAX_PRESENCE_NUMBER)),
             "rotate_bps": round(min(self.rotate_bps, MAX_PRESENCE_NUMBER)),

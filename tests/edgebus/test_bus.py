@@ -47,6 +47,8 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         BusConfig(node_id="a", spool_dir=tmp_path, credit_bytes=10)
     with pytest.raises(ConfigError, match="bind"):
         BusConfig(node_id="a", spool_dir=tmp_path, bind="udp://x")
+    with pytest.raises(ConfigError, match="chunk_bytes: max_card_bytes would take more than"):
+        BusConfig(node_id="a", spool_dir=tmp_path, chunk_bytes=1024, credit_bytes=1024)  # 1 GiB: 2^20 chunks
 
 
 async def test_lifecycle_states_and_idempotent_close(tmp_path: Path) -> None:
