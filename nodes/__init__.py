@@ -4,11 +4,12 @@ Kept light on purpose: importing ``nodes`` (as the CLI does on every command) lo
 the agent and the roles import them when they run.
 """
 
-from ._errors import AskError, ConfigFileError, NetnsError, NodeError, NodeUnreachable
+from ._errors import AskError, BenchInputError, ConfigFileError, NetnsError, NodeError, NodeUnreachable
 from .config import NodeConfig, load_node_config
 
 __all__ = [
     "AskError",
+    "BenchInputError",
     "ConfigFileError",
     "NetnsError",
     "NodeConfig",

@@ -8,7 +8,8 @@ prints them as one line and exits 2. Errors of the packages underneath keep thei
     ├── ConfigFileError (ValueError)   a node config that cannot be used: names the key and the file
     ├── NodeUnreachable                no node answered at the endpoint in time
     ├── AskError                       the node refused or failed a request (unknown card, draining, ...)
-    └── NetnsError                     a network-namespace lab could not be built (not root, no ``ip``)
+    ├── NetnsError                     a network-namespace lab could not be built (not root, no ``ip``)
+    └── BenchInputError (ValueError)   benchmark result files that cannot be read or merged
 """
 
 from __future__ import annotations
@@ -41,3 +42,7 @@ class AskError(NodeError):
 
 class NetnsError(NodeError):
     """A network namespace, veth link or qdisc could not be set up."""
+
+
+class BenchInputError(NodeError, ValueError):
+    """Benchmark result files that cannot be read or combined (other rows, other conditions, bad JSON)."""

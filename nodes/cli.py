@@ -134,6 +134,20 @@ def _bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_quality_merge(args: argparse.Namespace) -> int:
+    from nodes.bench.plots import rate_quality_plot
+    from nodes.bench.quality_results import COLUMNS, merge_results
+    from nodes.bench.table import format_table, write_json
+
+    summary = merge_results(args.inputs, dataset=args.dataset)
+    print(format_table(summary, COLUMNS))
+    write_json(summary, args.json)
+    if args.plot is not None:
+        title = f"{summary[0]['dataset']}: quality vs size ({len(args.inputs)} runs merged)"
+        rate_quality_plot(summary, title=title, out=args.plot)
+    return 0
+
+
 def _bench_bus(args: argparse.Namespace) -> int:
     from nodes.bench.bus import run_bus_bench
 
@@ -495,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--json", type=Path, default=None)
     quality.add_argument("--plot", type=Path, default=None)
     quality.set_defaults(handler=_bench_quality)
+    merge = bench.add_parser(
+        "quality-merge", help="one table from quality runs on the same rows (shards, added conditions)"
+    )
+    merge.add_argument("inputs", type=Path, nargs="+", help="summary .json and per-row .rows.jsonl files")
+    merge.add_argument("--dataset", default=None, help="dataset name, if only per-row files are given")
+    merge.add_argument("--json", type=Path, default=None)
+    merge.add_argument("--plot", type=Path, default=None)
+    merge.set_defaults(handler=_bench_quality_merge)
     bus = bench.add_parser("bus", help="bus throughput and latency vs raw pyzmq")
     bus.add_argument("--json", type=Path, default=None)
     bus.add_argument("--card-mib", type=int, default=64)

@@ -27,6 +27,7 @@ from nodes.bench.conditions import ISSUE2_CONDITIONS, Condition, parse_condition
 from nodes.bench.datasets import QARow, dataset_name, load_rows
 from nodes.bench.metrics import best_em, best_f1
 from nodes.bench.plots import rate_quality_plot
+from nodes.bench.quality_results import COLUMNS, Tally, summarise, tally
 from nodes.bench.table import format_table, write_json
 from qkv import (
     LoadedModel,
@@ -45,11 +46,6 @@ from qkv import (
     prefill_reread,
 )
 
-COLUMNS = (
-    "dataset", "condition", "n", "f1", "em", "f1_vs_text", "same_as_text", "kl_vs_text",
-    "card_bytes", "fp16_bytes", "ratio", "ttft_s",
-)  # fmt: skip
-
 
 @dataclass(frozen=True, kw_only=True)
 class QualityBenchConfig:
@@ -64,19 +60,6 @@ class QualityBenchConfig:
     plot: Path | None = None
     profile: Path | None = None
     group_size: int = 32
-
-
-@dataclass
-class _Tally:
-    n: int = 0
-    f1: float = 0.0
-    em: float = 0.0
-    same: int = 0
-    kl: float = 0.0
-    kl_n: int = 0
-    card_bytes: int = 0
-    fp16_bytes: int = 0
-    ttft: float = 0.0
 
 
 def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -184,61 +167,6 @@ def _run_row(
     return out
 
 
-def _summarise(dataset: str, names: Sequence[str], tallies: dict[str, _Tally]) -> list[dict[str, Any]]:
-    text = tallies.get("text")
-    text_f1 = text.f1 / text.n if text and text.n else None
-    rows: list[dict[str, Any]] = []
-    for name in names:
-        t = tallies[name]
-        if t.n == 0:
-            continue
-        f1 = t.f1 / t.n
-        row: dict[str, Any] = {
-            "dataset": dataset,
-            "condition": name,
-            "n": t.n,
-            "f1": f1,
-            "em": t.em / t.n,
-            "f1_vs_text": f1 / text_f1 if text_f1 else None,
-            "same_as_text": t.same / t.n,
-            "kl_vs_text": t.kl / t.kl_n if t.kl_n else None,
-            "card_bytes": t.card_bytes / t.n,
-            "fp16_bytes": t.fp16_bytes / t.n if t.fp16_bytes else None,
-            "ratio": t.fp16_bytes / t.card_bytes if t.card_bytes and t.fp16_bytes else None,
-            "size_vs_fp16": t.card_bytes / t.fp16_bytes if t.card_bytes and t.fp16_bytes else None,
-            "ttft_s": t.ttft / t.n,
-        }
-        rows.append(row)
-    return rows
-
-
-def _tally(tallies: dict[str, _Tally], results: dict[str, dict[str, Any]]) -> None:
-    for name, rec in results.items():
-        t = tallies.setdefault(name, _Tally())
-        t.n += 1
-        t.f1 += rec["f1"]
-        t.em += rec["em"]
-        t.same += int(rec["same"])
-        t.card_bytes += int(rec.get("card_bytes", 0))
-        t.fp16_bytes += int(rec.get("fp16_bytes", 0))
-        t.ttft += rec["ttft_s"]
-        if "kl" in rec:
-            t.kl += rec["kl"]
-            t.kl_n += 1
-
-
-def summarise_rows_file(path: Path, *, dataset: str) -> list[dict[str, Any]]:
-    """Summary of a run's per-row file (``OUT.rows.jsonl``), e.g. of a run stopped before its last row."""
-    tallies: dict[str, _Tally] = {}
-    names: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            results = json.loads(line)["results"]
-            names.extend(n for n in results if n not in names)
-            _tally(tallies, results)
-    return _summarise(dataset, names, tallies)
-
-
 def run_quality_bench(config: QualityBenchConfig) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
@@ -250,7 +178,7 @@ def run_quality_bench(config: QualityBenchConfig) -> list[dict[str, Any]]:
     lm = load_model(config.model)
     rows = load_rows(config.data, limit=config.limit, offset=config.offset)
     dataset = dataset_name(config.data)
-    tallies = {n: _Tally() for n in names}
+    tallies = {n: Tally() for n in names}
     per_row_path = config.json_out.with_suffix(".rows.jsonl") if config.json_out else None
     per_row = per_row_path.open("w", encoding="utf-8") if per_row_path else None
     try:
@@ -258,7 +186,7 @@ def run_quality_bench(config: QualityBenchConfig) -> list[dict[str, Any]]:
             results = _run_row(
                 lm, row, conditions, profile=profile, max_new_tokens=config.max_new_tokens, kl=config.kl
             )
-            _tally(tallies, results)
+            tally(tallies, results)
             if per_row is not None:
                 per_row.write(
                     json.dumps({"id": row.id, "answers": list(row.answers), "results": results}) + "\n"
@@ -266,7 +194,7 @@ def run_quality_bench(config: QualityBenchConfig) -> list[dict[str, Any]]:
     finally:
         if per_row is not None:
             per_row.close()
-    summary = _summarise(dataset, names, tallies)
+    summary = summarise(dataset, names, tallies)
     print(format_table(summary, COLUMNS))
     write_json(summary, config.json_out)
     if config.plot is not None:
