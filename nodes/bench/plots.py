@@ -16,16 +16,34 @@ def _pyplot() -> Any:
     return plt
 
 
+# The issue's size targets: (card bytes / fp16 KV bytes, F1 / text) a card must reach, drawn on each plot.
+SIZE_TARGETS = ((0.1, 0.97), (0.05, 0.90))
+
+
 def rate_quality_plot(rows: Sequence[Mapping[str, Any]], *, title: str, out: Path) -> Path:
-    """x = card bytes / fp16 KV bytes (log), y = F1 relative to the text condition, a labelled point each."""
+    """x = card bytes / fp16 KV bytes (log), y = F1 relative to the text condition, a labelled point each.
+
+    Conditions without KV (``no-context``, ``facts-only``) have no x: they are dotted lines across, and the
+    size targets are stars, so a glance tells which points beat what.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for row in rows:
-        x, y = row.get("size_vs_fp16"), row.get("f1_vs_text")
-        if x is None or y is None or x <= 0:
-            continue
+    points = [r for r in rows if (r.get("size_vs_fp16") or 0) > 0 and r.get("f1_vs_text") is not None]
+    fig, ax = plt.subplots(figsize=(8, 5) if len(points) <= 12 else (11, 7))
+    for row in points:
+        x, y = row["size_vs_fp16"], row["f1_vs_text"]
         ax.scatter([x], [y], s=28)
         ax.annotate(str(row["condition"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for row in rows:
+        y = row.get("f1_vs_text")
+        if row in points or y is None or row.get("condition") == "text":
+            continue
+        ax.axhline(y, color="tab:blue", lw=0.8, ls=":")
+        ax.annotate(str(row["condition"]), (0.01, y), xycoords=("axes fraction", "data"), fontsize=7,
+                    xytext=(0, 2), textcoords="offset points")  # fmt: skip
+    for x, y in SIZE_TARGETS:
+        ax.scatter([x], [y], marker="*", s=120, color="black", zorder=3)
+        ax.annotate(f"target {1 / x:.0f}x at {y:.0%}", (x, y), fontsize=7, xytext=(4, -10),
+                    textcoords="offset points")  # fmt: skip
     ax.set_xscale("log")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("card bytes / fp16 KV bytes (log)")
