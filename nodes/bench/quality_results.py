@@ -108,6 +108,16 @@ def _same_record(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     )
 
 
+def _is_record(rec: Any) -> bool:
+    numbers = ("f1", "em", "ttft_s")
+    return (
+        isinstance(rec, dict)
+        and "same" in rec
+        and all(isinstance(rec.get(k), int | float) for k in numbers)
+        and all(isinstance(rec.get(k, 0), int | float) for k in ("kl", "card_bytes", "fp16_bytes"))
+    )
+
+
 def read_row_files(paths: Sequence[Path]) -> tuple[list[str], dict[str, dict[str, dict[str, Any]]]]:
     """(condition names in order of appearance, row id -> condition -> record) pooled over per-row files.
 
@@ -124,7 +134,7 @@ def read_row_files(paths: Sequence[Path]) -> tuple[list[str], dict[str, dict[str
             row_id = str(line.get("id"))
             results = pooled.setdefault(row_id, {})
             for name, rec in line["results"].items():
-                if not isinstance(rec, dict) or not {"f1", "em", "same", "ttft_s"} <= rec.keys():
+                if not _is_record(rec):
                     raise BenchInputError(f"{where}: condition {name!r} is not a bench record")
                 if name not in names:
                     names.append(name)

@@ -88,6 +88,9 @@ def test_bad_row_files_are_refused_by_name(tmp_path: Path) -> None:
     bad.write_text('{"id": 1, "results": {"text": {"f1": 1}}}\n')
     with pytest.raises(BenchInputError, match=r"bad.rows.jsonl:1: condition 'text' is not a bench record"):
         summarise_row_files([bad], dataset="squad")
+    bad.write_text('{"id": 1, "results": {"text": {"f1": "1", "em": 0, "same": true, "ttft_s": 0}}}\n')
+    with pytest.raises(BenchInputError, match="is not a bench record"):
+        summarise_row_files([bad], dataset="squad")
     bad.write_text("{not json\n")
     with pytest.raises(BenchInputError, match="not JSON lines"):
         summarise_row_files([bad], dataset="squad")
