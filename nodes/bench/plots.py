@@ -27,19 +27,19 @@ def rate_quality_plot(rows: Sequence[Mapping[str, Any]], *, title: str, out: Pat
     size targets are stars, so a glance tells which points beat what.
     """
     plt = _pyplot()
-    points = [r for r in rows if (r.get("size_vs_fp16") or 0) > 0 and r.get("f1_vs_text") is not None]
-    fig, ax = plt.subplots(figsize=(8, 5) if len(points) <= 12 else (11, 7))
-    for row in points:
-        x, y = row["size_vs_fp16"], row["f1_vs_text"]
-        ax.scatter([x], [y], s=28)
-        ax.annotate(str(row["condition"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    located = sum((r.get("size_vs_fp16") or 0) > 0 for r in rows)
+    fig, ax = plt.subplots(figsize=(8, 5) if located <= 12 else (11, 7))
     for row in rows:
-        y = row.get("f1_vs_text")
-        if row in points or y is None or row.get("condition") == "text":
+        x, y = row.get("size_vs_fp16"), row.get("f1_vs_text")
+        if y is None or row.get("condition") == "text":
             continue
-        ax.axhline(y, color="tab:blue", lw=0.8, ls=":")
-        ax.annotate(str(row["condition"]), (0.01, y), xycoords=("axes fraction", "data"), fontsize=7,
-                    xytext=(0, 2), textcoords="offset points")  # fmt: skip
+        if x is not None and x > 0:
+            ax.scatter([x], [y], s=28)
+            ax.annotate(str(row["condition"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        else:
+            ax.axhline(y, color="tab:blue", lw=0.8, ls=":")
+            ax.annotate(str(row["condition"]), (0.01, y), xycoords=("axes fraction", "data"), fontsize=7,
+                        xytext=(0, 2), textcoords="offset points")  # fmt: skip
     for x, y in SIZE_TARGETS:
         ax.scatter([x], [y], marker="*", s=120, color="black", zorder=3)
         ax.annotate(f"target {1 / x:.0f}x at {y:.0%}", (x, y), fontsize=7, xytext=(4, -10),

@@ -228,10 +228,9 @@ def merge_results(inputs: Sequence[Path], *, dataset: str | None = None) -> list
     if not inputs:
         raise BenchInputError("nothing to merge")
     row_files = [p for p in inputs if p.suffix == ".jsonl"]
-    summaries = {p: _read_summary(p) for p in inputs if p.suffix != ".jsonl"}
-    tables = [(str(p), rows) for p, rows in summaries.items()]
+    tables = [(str(p), _read_summary(p)) for p in inputs if p.suffix != ".jsonl"]
     if row_files:
-        names = {str(rows[0].get("dataset")) for rows in summaries.values() if rows}
+        names = {str(rows[0].get("dataset")) for _, rows in tables if rows}
         if dataset is None and len(names) != 1:
             raise BenchInputError("per-row files do not name their dataset: pass --dataset")
         pooled = summarise_row_files(row_files, dataset=dataset or names.pop())
